@@ -1,0 +1,82 @@
+# Declarations of the compiled picking kernels; _fastpick.pyx implements them.
+# State lives in C arrays owned by each object; pick loops touch no Python object.
+
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+
+
+cdef class _Kernel:
+    cdef Py_ssize_t _n          # backends, indices 0.._n-1
+    cdef Py_ssize_t _m          # backends in rotation
+    cdef int64_t *_w            # weight, by index
+    cdef uint8_t *_elig         # eligible flag, by index
+    cdef int64_t *_inflight     # in-flight calls, by index
+    cdef int32_t *_dense        # indices in rotation, ascending, by dense position
+    cdef int64_t *_dw           # weight, by dense position
+
+    cdef int _alloc(self, Py_ssize_t n) except -1
+    cdef void _rebuild(self) noexcept
+    cdef Py_ssize_t _index(self, Py_ssize_t i) except -1
+
+
+cdef class SmoothWeightedRoundRobin(_Kernel):
+    cdef bint _edf
+    cdef int64_t *_cur          # nginx current weight, by index (kept while out of rotation)
+    cdef int64_t *_dcur         # current weight, by dense position (the scan's copy)
+    cdef int64_t _total
+    cdef int64_t *_k            # EDF: next deadline numerator, by dense position
+    cdef int32_t *_heap         # EDF: min-heap of dense positions
+    cdef int64_t _cycle_left
+
+    cdef int _pick(self) noexcept nogil
+    cdef void _sift_down(self, Py_ssize_t h) noexcept nogil
+
+
+cdef class RoundRobin(_Kernel):
+    cdef int _last
+    cdef Py_ssize_t _next
+
+    cdef int _pick(self) noexcept nogil
+
+
+cdef class Random(_Kernel):
+    cdef uint64_t _rng
+    cdef bint _uniform
+    cdef int64_t _total
+    cdef int64_t *_prob         # alias method: threshold, by column
+    cdef int32_t *_alias        # alias method: the column's other dense position
+
+    cdef int _pick(self) noexcept nogil
+
+
+cdef class LeastRequest(_Kernel):
+    cdef uint64_t _rng
+    cdef double _bias
+    cdef bint _equal
+    cdef double _now
+    cdef uint64_t _order
+    cdef Py_ssize_t _hsize
+    cdef double *_hdl           # EDF heap: deadline
+    cdef uint64_t *_hord        # EDF heap: order of scheduling (tie-break)
+    cdef int32_t *_hidx         # EDF heap: backend index
+
+    cdef int _pick(self) noexcept nogil
+    cdef double _eff_weight(self, Py_ssize_t i) noexcept nogil
+    cdef bint _before(self, Py_ssize_t a, Py_ssize_t b) noexcept nogil
+    cdef void _swap(self, Py_ssize_t a, Py_ssize_t b) noexcept nogil
+    cdef void _push(self, Py_ssize_t i) noexcept nogil
+    cdef void _replace_top(self, Py_ssize_t i) noexcept nogil
+
+
+cdef class PeakEwma(_Kernel):
+    cdef uint64_t _rng
+    cdef double _tau            # decay time constant, ns
+    cdef double _default        # estimate before any observation, ns
+    cdef bint _has_t0
+    cdef int64_t _t0            # first observation, ns
+    cdef double *_ewma          # estimate, ns, by index
+    cdef int64_t *_last         # last observation, ns since t0, by index
+    cdef double *_score         # log(ewma) + last/tau - log(weight), by index
+
+    cdef void _rescore(self, Py_ssize_t i) noexcept nogil
+    cdef int _pick(self) noexcept nogil
+    cdef int _pick_p2c(self) noexcept nogil

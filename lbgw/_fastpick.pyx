@@ -1,0 +1,689 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Compiled picking kernels: the code that runs on every call lbgw forwards.
+
+Each class has a pure-Python twin of the same name and behaviour in
+``lbgw.picking``; the algorithms, their sources and the rules every kernel
+shares are documented there, once. This module implements them with state in
+C arrays owned by the object, rebuilt when rotation or weights change, so
+``pick()`` only walks prebuilt arrays: its body is a ``noexcept nogil``
+function that touches no Python object. ``pick_many(count)`` runs that body
+in a C loop without the GIL, which measures the kernel without Python's call
+overhead.
+
+Floating-point results match the twins bit for bit: the same IEEE operations
+in the same order (setup.py turns off FMA contraction) and libm's ``log``,
+``exp`` and ``pow``, which Python's ``math`` calls too.
+"""
+
+cimport cython
+from libc.math cimport exp, log, pow
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+from libc.stdlib cimport calloc, free
+
+import operator
+import os
+
+MAX_WEIGHT = 1 << 24
+EDF_THRESHOLD = 128
+
+cdef int64_t _MAX_WEIGHT = MAX_WEIGHT
+cdef enum:
+    _LOGTAB_SIZE = 256
+cdef double _LOGTAB[_LOGTAB_SIZE]
+cdef int _k
+for _k in range(_LOGTAB_SIZE):
+    _LOGTAB[_k] = log(_k + 1.0)
+
+
+cdef extern from *:
+    """
+    static inline uint64_t lbgw_mulhi64(uint64_t a, uint64_t b) {
+        return (uint64_t)(((unsigned __int128)a * b) >> 64);
+    }
+    """
+    uint64_t lbgw_mulhi64(uint64_t a, uint64_t b) nogil
+
+
+cdef inline uint64_t _next(uint64_t *state) noexcept nogil:
+    """splitmix64."""
+    state[0] += 0x9E3779B97F4A7C15ULL
+    cdef uint64_t z = state[0]
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
+    return z ^ (z >> 31)
+
+
+cdef inline uint64_t _below(uint64_t *state, uint64_t bound) noexcept nogil:
+    """A draw in [0, bound) by Lemire's multiply-high."""
+    return lbgw_mulhi64(_next(state), bound)
+
+
+cdef inline double _log1k(int64_t k) noexcept nogil:
+    return _LOGTAB[k] if k < _LOGTAB_SIZE else log(<double>(k + 1))
+
+
+cdef uint64_t _seed_value(object seed):
+    if seed is None:
+        seed = int.from_bytes(os.urandom(8), "little")
+    return operator.index(seed) & 0xFFFFFFFFFFFFFFFF
+
+
+cdef int64_t _check_weight(object weight) except -1:
+    w = operator.index(weight)
+    if not 0 <= w <= MAX_WEIGHT:
+        raise ValueError(f"weight must be an integer in [0, {MAX_WEIGHT}], got {w}")
+    return w
+
+
+cdef void* _calloc(Py_ssize_t count, size_t size) except NULL:
+    cdef void *p = calloc(count if count > 0 else 1, size)
+    if p == NULL:
+        raise MemoryError()
+    return p
+
+
+cdef class _Kernel:
+    """Weights, eligibility, in-flight counts and the dense rotation array."""
+
+    def __dealloc__(self):
+        free(self._w)
+        free(self._elig)
+        free(self._inflight)
+        free(self._dense)
+        free(self._dw)
+
+    cdef int _alloc(self, Py_ssize_t n) except -1:
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        self._n = n
+        self._m = 0
+        self._w = <int64_t *>_calloc(n, sizeof(int64_t))
+        self._elig = <uint8_t *>_calloc(n, sizeof(uint8_t))
+        self._inflight = <int64_t *>_calloc(n, sizeof(int64_t))
+        self._dense = <int32_t *>_calloc(n, sizeof(int32_t))
+        self._dw = <int64_t *>_calloc(n, sizeof(int64_t))
+        cdef Py_ssize_t i
+        for i in range(n):
+            self._elig[i] = 1
+        return 0
+
+    cdef void _rebuild(self) noexcept:
+        cdef Py_ssize_t i, m = 0
+        for i in range(self._n):
+            if self._elig[i] and self._w[i] > 0:
+                self._dense[m] = <int32_t>i
+                self._dw[m] = self._w[i]
+                m += 1
+        self._m = m
+
+    cdef Py_ssize_t _index(self, Py_ssize_t i) except -1:
+        if i < 0 or i >= self._n:
+            raise IndexError(f"backend index {i} out of range for {self._n} backends")
+        return i
+
+    @property
+    def n(self):
+        return self._n
+
+    def set_eligible(self, Py_ssize_t i, bint eligible):
+        self._index(i)
+        if self._elig[i] != eligible:
+            self._elig[i] = eligible
+            self._rebuild()
+
+    def is_eligible(self, Py_ssize_t i):
+        self._index(i)
+        return bool(self._elig[i])
+
+    def set_weight(self, Py_ssize_t i, weight):
+        self._index(i)
+        cdef int64_t w = _check_weight(weight)
+        if self._w[i] != w:
+            self._w[i] = w
+            self._rebuild()
+
+    def weight(self, Py_ssize_t i):
+        self._index(i)
+        return self._w[i]
+
+    def started(self, Py_ssize_t i):
+        self._index(i)
+        self._inflight[i] += 1
+
+    def finished(self, Py_ssize_t i):
+        self._index(i)
+        if self._inflight[i] > 0:
+            self._inflight[i] -= 1
+
+    def in_flight(self, Py_ssize_t i):
+        self._index(i)
+        return self._inflight[i]
+
+    def observe(self, Py_ssize_t i, int64_t rtt_ns, int64_t now_ns):
+        self._index(i)
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.name} n={self._n} in-rotation={self._m}>"
+
+
+@cython.final
+cdef class SmoothWeightedRoundRobin(_Kernel):
+    """nginx's smooth weighted round-robin; an EDF heap from ``edf_threshold`` backends."""
+
+    name = "swrr"
+
+    def __dealloc__(self):
+        free(self._cur)
+        free(self._dcur)
+        free(self._k)
+        free(self._heap)
+
+    def __init__(self, weights, *, Py_ssize_t edf_threshold=EDF_THRESHOLD):
+        ws = [_check_weight(w) for w in weights]
+        self._alloc(len(ws))
+        self._cur = <int64_t *>_calloc(self._n, sizeof(int64_t))
+        self._dcur = <int64_t *>_calloc(self._n, sizeof(int64_t))
+        self._k = <int64_t *>_calloc(self._n, sizeof(int64_t))
+        self._heap = <int32_t *>_calloc(self._n, sizeof(int32_t))
+        cdef Py_ssize_t i
+        for i in range(self._n):
+            self._w[i] = ws[i]
+        self._edf = self._n >= edf_threshold
+        self._rebuild()
+
+    @property
+    def scheduler(self):
+        return "edf" if self._edf else "swrr"
+
+    cdef void _rebuild(self) noexcept:
+        cdef Py_ssize_t j, h
+        # Keep each backend's current weight across the change, as nginx does.
+        for j in range(self._m):
+            self._cur[self._dense[j]] = self._dcur[j]
+        _Kernel._rebuild(self)
+        self._total = 0
+        for j in range(self._m):
+            self._dcur[j] = self._cur[self._dense[j]]
+            self._total += self._dw[j]
+        if self._edf:
+            for j in range(self._m):
+                self._k[j] = 1
+                self._heap[j] = <int32_t>j
+            for h in range(self._m // 2 - 1, -1, -1):
+                self._sift_down(h)
+            self._cycle_left = self._total
+
+    cdef void _sift_down(self, Py_ssize_t h) noexcept nogil:
+        cdef int32_t *heap = self._heap
+        cdef int64_t *k = self._k
+        cdef int64_t *dw = self._dw
+        cdef Py_ssize_t m = self._m, c
+        cdef int32_t item = heap[h], a, b
+        cdef int64_t lhs, rhs
+        while True:
+            c = 2 * h + 1
+            if c >= m:
+                break
+            if c + 1 < m:
+                a = heap[c + 1]
+                b = heap[c]
+                lhs = k[a] * dw[b]
+                rhs = k[b] * dw[a]
+                if lhs < rhs or (lhs == rhs and a < b):
+                    c += 1
+            a = heap[c]
+            lhs = k[a] * dw[item]
+            rhs = k[item] * dw[a]
+            if not (lhs < rhs or (lhs == rhs and a < item)):
+                break
+            heap[h] = a
+            h = c
+        heap[h] = item
+
+    cdef int _pick(self) noexcept nogil:
+        cdef Py_ssize_t m = self._m, j, best
+        cdef int64_t c, best_cur
+        cdef int32_t top
+        if m == 0:
+            return -1
+        if self._edf:
+            top = self._heap[0]
+            self._k[top] += 1
+            self._sift_down(0)
+            self._cycle_left -= 1
+            if self._cycle_left == 0:
+                # Every deadline has moved on by exactly 1: rebase, order unchanged.
+                for j in range(m):
+                    self._k[j] -= self._dw[j]
+                self._cycle_left = self._total
+            return self._dense[top]
+        cdef int64_t *cur = self._dcur
+        cdef int64_t *dw = self._dw
+        best = 0
+        best_cur = cur[0] + dw[0]
+        cur[0] = best_cur
+        for j in range(1, m):
+            c = cur[j] + dw[j]
+            cur[j] = c
+            if c > best_cur:
+                best = j
+                best_cur = c
+        cur[best] = best_cur - self._total
+        return self._dense[best]
+
+    def pick(self):
+        return self._pick()
+
+    def pick_many(self, Py_ssize_t count):
+        cdef int64_t total = 0
+        cdef Py_ssize_t r
+        with nogil:
+            for r in range(count):
+                total += self._pick()
+        return total
+
+
+@cython.final
+cdef class RoundRobin(_Kernel):
+    """Plain round robin over the backends in rotation, in index order."""
+
+    name = "round_robin"
+
+    def __init__(self, n):
+        self._last = -1
+        self._next = 0
+        self._alloc(operator.index(n))
+        cdef Py_ssize_t i
+        for i in range(self._n):
+            self._w[i] = 1
+        self._rebuild()
+
+    cdef void _rebuild(self) noexcept:
+        _Kernel._rebuild(self)
+        cdef Py_ssize_t pos
+        self._next = 0
+        for pos in range(self._m):
+            if self._dense[pos] > self._last:
+                self._next = pos
+                break
+
+    cdef int _pick(self) noexcept nogil:
+        if self._m == 0:
+            return -1
+        cdef int32_t i = self._dense[self._next]
+        self._next += 1
+        if self._next == self._m:
+            self._next = 0
+        self._last = i
+        return i
+
+    def pick(self):
+        return self._pick()
+
+    def pick_many(self, Py_ssize_t count):
+        cdef int64_t total = 0
+        cdef Py_ssize_t r
+        with nogil:
+            for r in range(count):
+                total += self._pick()
+        return total
+
+
+@cython.final
+cdef class Random(_Kernel):
+    """Uniform or weighted (alias method) random picks."""
+
+    name = "random"
+
+    def __dealloc__(self):
+        free(self._prob)
+        free(self._alias)
+
+    def __init__(self, weights, *, seed=None):
+        ws = [_check_weight(w) for w in weights]
+        self._alloc(len(ws))
+        self._prob = <int64_t *>_calloc(self._n, sizeof(int64_t))
+        self._alias = <int32_t *>_calloc(self._n, sizeof(int32_t))
+        cdef Py_ssize_t i
+        for i in range(self._n):
+            self._w[i] = ws[i]
+        self._rng = _seed_value(seed)
+        self._rebuild()
+
+    def seed(self, seed):
+        self._rng = _seed_value(seed)
+
+    cdef void _rebuild(self) noexcept:
+        _Kernel._rebuild(self)
+        cdef Py_ssize_t m = self._m, j
+        cdef int64_t total = 0
+        self._uniform = True
+        for j in range(m):
+            total += self._dw[j]
+            if self._dw[j] != self._dw[0]:
+                self._uniform = False
+        self._total = total
+        # Vose's alias method in integers: column capacity `total`, weights scaled by m.
+        cdef int64_t *scaled = <int64_t *>calloc(m if m > 0 else 1, sizeof(int64_t))
+        cdef int32_t *small = <int32_t *>calloc(m if m > 0 else 1, sizeof(int32_t))
+        cdef int32_t *large = <int32_t *>calloc(m if m > 0 else 1, sizeof(int32_t))
+        if scaled == NULL or small == NULL or large == NULL:
+            # Out of memory: fall back to uniform picks rather than fail a rebuild.
+            self._uniform = True
+            free(scaled)
+            free(small)
+            free(large)
+            return
+        cdef Py_ssize_t ns = 0, nl = 0
+        cdef int32_t s, g
+        for j in range(m):
+            self._prob[j] = total
+            self._alias[j] = <int32_t>j
+            scaled[j] = self._dw[j] * m
+            if scaled[j] < total:
+                small[ns] = <int32_t>j
+                ns += 1
+        for j in range(m):
+            if scaled[j] >= total:
+                large[nl] = <int32_t>j
+                nl += 1
+        while ns > 0 and nl > 0:
+            ns -= 1
+            s = small[ns]
+            nl -= 1
+            g = large[nl]
+            self._prob[s] = scaled[s]
+            self._alias[s] = g
+            scaled[g] -= total - scaled[s]
+            if scaled[g] < total:
+                small[ns] = g
+                ns += 1
+            else:
+                large[nl] = g
+                nl += 1
+        free(scaled)
+        free(small)
+        free(large)
+
+    cdef int _pick(self) noexcept nogil:
+        cdef Py_ssize_t m = self._m
+        if m == 0:
+            return -1
+        cdef Py_ssize_t col = <Py_ssize_t>_below(&self._rng, <uint64_t>m)
+        if self._uniform:
+            return self._dense[col]
+        if <int64_t>_below(&self._rng, <uint64_t>self._total) < self._prob[col]:
+            return self._dense[col]
+        return self._dense[self._alias[col]]
+
+    def pick(self):
+        return self._pick()
+
+    def pick_many(self, Py_ssize_t count):
+        cdef int64_t total = 0
+        cdef Py_ssize_t r
+        with nogil:
+            for r in range(count):
+                total += self._pick()
+        return total
+
+
+@cython.final
+cdef class LeastRequest(_Kernel):
+    """Envoy's least_request: P2C on in-flight counts, or EDF on load-scaled weights."""
+
+    name = "least_request"
+
+    def __dealloc__(self):
+        free(self._hdl)
+        free(self._hord)
+        free(self._hidx)
+
+    def __init__(self, weights, *, double active_request_bias=1.0, seed=None):
+        if not 0.0 <= active_request_bias <= 100.0:
+            raise ValueError(
+                f"active_request_bias must be in [0, 100], got {active_request_bias!r}"
+            )
+        ws = [_check_weight(w) for w in weights]
+        self._alloc(len(ws))
+        self._hdl = <double *>_calloc(self._n, sizeof(double))
+        self._hord = <uint64_t *>_calloc(self._n, sizeof(uint64_t))
+        self._hidx = <int32_t *>_calloc(self._n, sizeof(int32_t))
+        cdef Py_ssize_t i
+        for i in range(self._n):
+            self._w[i] = ws[i]
+        self._bias = active_request_bias
+        self._rng = _seed_value(seed)
+        self._rebuild()
+
+    def seed(self, seed):
+        self._rng = _seed_value(seed)
+
+    cdef double _eff_weight(self, Py_ssize_t i) noexcept nogil:
+        cdef double w = <double>self._w[i]
+        cdef double active = <double>(self._inflight[i] + 1)
+        if self._bias == 1.0:
+            return w / active
+        if self._bias == 0.0:
+            return w
+        return w / pow(active, self._bias)
+
+    cdef bint _before(self, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+        return self._hdl[a] < self._hdl[b] or (
+            self._hdl[a] == self._hdl[b] and self._hord[a] < self._hord[b]
+        )
+
+    cdef void _swap(self, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+        self._hdl[a], self._hdl[b] = self._hdl[b], self._hdl[a]
+        self._hord[a], self._hord[b] = self._hord[b], self._hord[a]
+        self._hidx[a], self._hidx[b] = self._hidx[b], self._hidx[a]
+
+    cdef void _push(self, Py_ssize_t i) noexcept nogil:
+        cdef Py_ssize_t h = self._hsize, p
+        self._hsize += 1
+        self._hdl[h] = self._now + 1.0 / self._eff_weight(i)
+        self._hord[h] = self._order
+        self._hidx[h] = <int32_t>i
+        self._order += 1
+        while h > 0:
+            p = (h - 1) // 2
+            if not self._before(h, p):
+                break
+            self._swap(h, p)
+            h = p
+
+    cdef void _replace_top(self, Py_ssize_t i) noexcept nogil:
+        cdef Py_ssize_t h = 0, c, size = self._hsize
+        self._hdl[0] = self._now + 1.0 / self._eff_weight(i)
+        self._hord[0] = self._order
+        self._hidx[0] = <int32_t>i
+        self._order += 1
+        while True:
+            c = 2 * h + 1
+            if c >= size:
+                break
+            if c + 1 < size and self._before(c + 1, c):
+                c += 1
+            if not self._before(c, h):
+                break
+            self._swap(c, h)
+            h = c
+
+    cdef void _rebuild(self) noexcept:
+        _Kernel._rebuild(self)
+        cdef Py_ssize_t j
+        self._equal = True
+        for j in range(self._m):
+            if self._dw[j] != self._dw[0]:
+                self._equal = False
+        self._now = 0.0
+        self._order = 0
+        self._hsize = 0
+        if not self._equal:
+            for j in range(self._m):
+                self._push(self._dense[j])
+
+    cdef int _pick(self) noexcept nogil:
+        cdef Py_ssize_t m = self._m, a, b
+        cdef int32_t ia, ib
+        if m == 0:
+            return -1
+        if self._equal:
+            if m == 1:
+                return self._dense[0]
+            a = <Py_ssize_t>_below(&self._rng, <uint64_t>m)
+            b = <Py_ssize_t>_below(&self._rng, <uint64_t>(m - 1))
+            if b >= a:
+                b += 1
+            ia = self._dense[a]
+            ib = self._dense[b]
+            return ib if self._inflight[ib] < self._inflight[ia] else ia
+        ia = self._hidx[0]
+        self._now = self._hdl[0]
+        self._replace_top(ia)
+        return ia
+
+    def pick(self):
+        return self._pick()
+
+    def pick_many(self, Py_ssize_t count):
+        cdef int64_t total = 0
+        cdef Py_ssize_t r
+        with nogil:
+            for r in range(count):
+                total += self._pick()
+        return total
+
+
+@cython.final
+cdef class PeakEwma(_Kernel):
+    """Peak EWMA ("least response time"): lowest ewma × (in-flight + 1) / weight."""
+
+    name = "ewma"
+
+    def __dealloc__(self):
+        free(self._ewma)
+        free(self._last)
+        free(self._score)
+
+    def __init__(self, n, double decay_s=10.0, double default_rtt_s=0.03, *, seed=None):
+        if not (decay_s > 0.0 and decay_s != float("inf")):
+            raise ValueError(f"decay_s must be a positive number of seconds, got {decay_s!r}")
+        if not (default_rtt_s > 0.0 and default_rtt_s != float("inf")):
+            raise ValueError(
+                f"default_rtt_s must be a positive number of seconds, got {default_rtt_s!r}"
+            )
+        self._alloc(operator.index(n))
+        self._ewma = <double *>_calloc(self._n, sizeof(double))
+        self._last = <int64_t *>_calloc(self._n, sizeof(int64_t))
+        self._score = <double *>_calloc(self._n, sizeof(double))
+        self._tau = decay_s * 1e9
+        self._default = default_rtt_s * 1e9
+        self._rng = _seed_value(seed)
+        self._has_t0 = False
+        cdef Py_ssize_t i
+        for i in range(self._n):
+            self._w[i] = 1
+            self._ewma[i] = self._default
+            self._score[i] = log(self._default)
+        self._rebuild()
+
+    def seed(self, seed):
+        self._rng = _seed_value(seed)
+
+    def set_weight(self, Py_ssize_t i, weight):
+        _Kernel.set_weight(self, i, weight)
+        self._rescore(i)
+
+    cdef void _rescore(self, Py_ssize_t i) noexcept nogil:
+        cdef double lw = log(<double>self._w[i]) if self._w[i] > 0 else 0.0
+        self._score[i] = log(self._ewma[i]) + <double>self._last[i] / self._tau - lw
+
+    def observe(self, Py_ssize_t i, int64_t rtt_ns, int64_t now_ns):
+        self._index(i)
+        if not self._has_t0:
+            self._t0 = now_ns
+            self._has_t0 = True
+        cdef int64_t now = now_ns - self._t0
+        if now < self._last[i]:
+            now = self._last[i]
+        cdef double rtt = <double>rtt_ns if rtt_ns >= 1 else 1.0
+        cdef double ewma = self._ewma[i], w
+        if rtt > ewma:
+            ewma = rtt
+        else:
+            w = exp(-(<double>(now - self._last[i]) / self._tau))
+            ewma = ewma * w + rtt * (1.0 - w)
+            if ewma < 1.0:
+                ewma = 1.0
+        self._ewma[i] = ewma
+        self._last[i] = now
+        self._rescore(i)
+
+    def cost(self, Py_ssize_t i, int64_t now_ns):
+        """The cost ``pick`` compares, in nanoseconds, as of ``now_ns``."""
+        self._index(i)
+        if self._w[i] == 0:
+            return float("inf")
+        cdef double decay = 1.0
+        cdef int64_t age
+        if self._has_t0:
+            age = now_ns - self._t0 - self._last[i]
+            if age > 0:
+                decay = exp(-(<double>age / self._tau))
+        return self._ewma[i] * decay * <double>(self._inflight[i] + 1) / <double>self._w[i]
+
+    cdef int _pick(self) noexcept nogil:
+        cdef Py_ssize_t m = self._m, j
+        cdef int32_t i, best
+        cdef double key, best_key
+        if m == 0:
+            return -1
+        best = self._dense[0]
+        best_key = self._score[best] + _log1k(self._inflight[best])
+        for j in range(1, m):
+            i = self._dense[j]
+            key = self._score[i] + _log1k(self._inflight[i])
+            if key < best_key:
+                best = i
+                best_key = key
+        return best
+
+    cdef int _pick_p2c(self) noexcept nogil:
+        cdef Py_ssize_t m = self._m, a, b
+        cdef int32_t ia, ib
+        if m == 0:
+            return -1
+        if m == 1:
+            return self._dense[0]
+        a = <Py_ssize_t>_below(&self._rng, <uint64_t>m)
+        b = <Py_ssize_t>_below(&self._rng, <uint64_t>(m - 1))
+        if b >= a:
+            b += 1
+        ia = self._dense[a]
+        ib = self._dense[b]
+        if self._score[ib] + _log1k(self._inflight[ib]) < self._score[ia] + _log1k(self._inflight[ia]):
+            return ib
+        return ia
+
+    def pick(self):
+        return self._pick()
+
+    def pick_p2c(self):
+        return self._pick_p2c()
+
+    def pick_many(self, Py_ssize_t count):
+        cdef int64_t total = 0
+        cdef Py_ssize_t r
+        with nogil:
+            for r in range(count):
+                total += self._pick()
+        return total
+
+    def pick_p2c_many(self, Py_ssize_t count):
+        cdef int64_t total = 0
+        cdef Py_ssize_t r
+        with nogil:
+            for r in range(count):
+                total += self._pick_p2c()
+        return total

@@ -1,0 +1,563 @@
+"""Pure-Python twins of the picking kernels in ``_fastpick.pyx``.
+
+Each class here has the same name, constructor, methods and pick sequence as
+its compiled counterpart. The twins are the reference the kernels are tested
+against (``tests/unit/test_kernels.py`` runs every test on both and checks that
+they make identical pick sequences) and the baseline ``bench/pick.py``
+measures. Set ``LBGW_NO_EXTENSIONS=1`` to run lbgw on them; see
+``lbgw.kernels``.
+
+Rules shared by every kernel:
+
+* Backends are the indices ``0..n-1``. ``pick()`` returns one of them, or
+  ``-1`` when none is eligible.
+* A backend is in rotation when it is eligible *and* its weight is above 0;
+  ``set_eligible`` and ``set_weight`` change that without rebuilding.
+* Weights are integers in ``[0, MAX_WEIGHT]``.
+* ``started``/``finished`` keep an in-flight count per backend (never below
+  0); ``observe`` feeds a latency sample and is a no-op except in PeakEwma.
+* Random draws come from splitmix64 (Steele, Lea & Flood, 2014), reduced to a
+  range with Lemire's multiply-high, so a seed gives the same draws in C and
+  Python.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import operator
+import os
+from collections.abc import Sequence
+from typing import ClassVar
+
+__all__ = [
+    "EDF_THRESHOLD",
+    "MAX_WEIGHT",
+    "LeastRequest",
+    "PeakEwma",
+    "Random",
+    "RoundRobin",
+    "SmoothWeightedRoundRobin",
+]
+
+#: Largest weight a backend may have. Keeps every product the schedulers
+#: form (weight × count, weight × weight) far inside 64 bits.
+MAX_WEIGHT = 1 << 24
+
+#: Number of backends at and above which SmoothWeightedRoundRobin switches
+#: from nginx's O(n) scan to an O(log n) earliest-deadline-first heap.
+EDF_THRESHOLD = 128
+
+_M64 = (1 << 64) - 1
+_LOGTAB_SIZE = 256
+_LOGTAB = [math.log(k + 1) for k in range(_LOGTAB_SIZE)]
+
+
+def _log1k(k: int) -> float:
+    """``log(k + 1)`` for an in-flight count, from a table while it is small."""
+    return _LOGTAB[k] if k < _LOGTAB_SIZE else math.log(k + 1)
+
+
+def _check_weight(weight: int) -> int:
+    w = operator.index(weight)
+    if not 0 <= w <= MAX_WEIGHT:
+        raise ValueError(f"weight must be an integer in [0, {MAX_WEIGHT}], got {w}")
+    return w
+
+
+def _check_index(i: int, n: int) -> int:
+    i = operator.index(i)
+    if not 0 <= i < n:
+        raise IndexError(f"backend index {i} out of range for {n} backends")
+    return i
+
+
+def _random_seed() -> int:
+    return int.from_bytes(os.urandom(8), "little")
+
+
+class _Kernel:
+    """State and bookkeeping every kernel shares: weights, eligibility, in-flight."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, weights: Sequence[int]) -> None:
+        self._n = len(weights)
+        self._w = [_check_weight(w) for w in weights]
+        self._elig = [True] * self._n
+        self._inflight = [0] * self._n
+        # Dense list of the indices in rotation, ascending; rebuilt on change.
+        self._dense: list[int] = []
+
+    @property
+    def n(self) -> int:
+        return self._n
+
+    def _rebuild(self) -> None:
+        self._dense = [i for i in range(self._n) if self._elig[i] and self._w[i] > 0]
+
+    def set_eligible(self, i: int, eligible: bool) -> None:
+        i = _check_index(i, self._n)
+        if self._elig[i] != bool(eligible):
+            self._elig[i] = bool(eligible)
+            self._rebuild()
+
+    def is_eligible(self, i: int) -> bool:
+        return self._elig[_check_index(i, self._n)]
+
+    def set_weight(self, i: int, weight: int) -> None:
+        i = _check_index(i, self._n)
+        w = _check_weight(weight)
+        if self._w[i] != w:
+            self._w[i] = w
+            self._rebuild()
+
+    def weight(self, i: int) -> int:
+        return self._w[_check_index(i, self._n)]
+
+    def started(self, i: int) -> None:
+        self._inflight[_check_index(i, self._n)] += 1
+
+    def finished(self, i: int) -> None:
+        i = _check_index(i, self._n)
+        if self._inflight[i] > 0:
+            self._inflight[i] -= 1
+
+    def in_flight(self, i: int) -> int:
+        return self._inflight[_check_index(i, self._n)]
+
+    def observe(self, i: int, rtt_ns: int, now_ns: int) -> None:
+        _check_index(i, self._n)
+
+    def pick(self) -> int:
+        raise NotImplementedError
+
+    def pick_many(self, count: int) -> int:
+        """Make ``count`` picks; return the sum of the picked indices."""
+        total = 0
+        for _ in range(count):
+            total += self.pick()
+        return total
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} n={self._n} in-rotation={len(self._dense)}>"
+
+
+class _Rng:
+    """splitmix64 with Lemire's multiply-high range reduction."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, seed: int) -> None:
+        self.state = seed & _M64
+
+    def next(self) -> int:
+        self.state = z = (self.state + 0x9E3779B97F4A7C15) & _M64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+        return z ^ (z >> 31)
+
+    def below(self, bound: int) -> int:
+        """A draw in ``[0, bound)``; ``bound`` must be positive."""
+        return (self.next() * bound) >> 64
+
+
+class SmoothWeightedRoundRobin(_Kernel):
+    """nginx's smooth weighted round-robin (``ngx_http_upstream_get_peer``).
+
+    Every pick adds each backend's weight to its current weight and to the
+    total; the largest current weight wins (the first on a tie) and loses the
+    total. Weights ``[5, 1, 1]`` give ``0, 0, 1, 0, 2, 0, 0``: each cycle of
+    ``sum(weights)`` picks gives every backend exactly its weight, spread out
+    so no backend of weight ``w`` is picked more than ``w`` times in a row.
+    A backend leaving rotation keeps its current weight, as in nginx.
+
+    The scan is O(n). From ``edf_threshold`` backends on, the kernel uses an
+    earliest-deadline-first heap instead (the scheduler behind Envoy's
+    weighted round robin), in O(log n): backend ``i``'s ``k``-th pick of a
+    cycle has the deadline ``k / w_i``, compared exactly as integers, ties to
+    the lower index. A cycle of ``sum(weights)`` picks still gives each
+    backend exactly its weight; the order within a cycle differs from
+    nginx's. A change in rotation or weight restarts the cycle.
+    """
+
+    name: ClassVar[str] = "swrr"
+
+    def __init__(self, weights: Sequence[int], *, edf_threshold: int = EDF_THRESHOLD) -> None:
+        super().__init__(weights)
+        self._edf = self._n >= edf_threshold
+        self._cur = [0] * self._n
+        self._total = 0
+        # EDF state, by dense position: next deadline numerator and the heap.
+        self._k: list[int] = []
+        self._heap: list[int] = []
+        self._cycle_left = 0
+        self._rebuild()
+
+    @property
+    def scheduler(self) -> str:
+        return "edf" if self._edf else "swrr"
+
+    def _rebuild(self) -> None:
+        super()._rebuild()
+        self._total = sum(self._w[i] for i in self._dense)
+        if self._edf:
+            m = len(self._dense)
+            self._k = [1] * m
+            self._heap = list(range(m))
+            for h in range(m // 2 - 1, -1, -1):
+                self._sift_down(h)
+            self._cycle_left = self._total
+
+    def _before(self, a: int, b: int) -> bool:
+        """Whether dense position ``a``'s deadline comes before ``b``'s."""
+        wa = self._w[self._dense[a]]
+        wb = self._w[self._dense[b]]
+        lhs = self._k[a] * wb
+        rhs = self._k[b] * wa
+        return lhs < rhs or (lhs == rhs and a < b)
+
+    def _sift_down(self, h: int) -> None:
+        heap = self._heap
+        m = len(heap)
+        item = heap[h]
+        while True:
+            c = 2 * h + 1
+            if c >= m:
+                break
+            if c + 1 < m and self._before(heap[c + 1], heap[c]):
+                c += 1
+            if not self._before(heap[c], item):
+                break
+            heap[h] = heap[c]
+            h = c
+        heap[h] = item
+
+    def pick(self) -> int:
+        dense = self._dense
+        if not dense:
+            return -1
+        if self._edf:
+            top = self._heap[0]
+            self._k[top] += 1
+            self._sift_down(0)
+            self._cycle_left -= 1
+            if self._cycle_left == 0:
+                # Every deadline has moved on by exactly 1: rebase, order unchanged.
+                for j, i in enumerate(dense):
+                    self._k[j] -= self._w[i]
+                self._cycle_left = self._total
+            return dense[top]
+        cur = self._cur
+        w = self._w
+        best = -1
+        best_cur = 0
+        for i in dense:
+            c = cur[i] + w[i]
+            cur[i] = c
+            if best < 0 or c > best_cur:
+                best = i
+                best_cur = c
+        cur[best] -= self._total
+        return best
+
+
+class RoundRobin(_Kernel):
+    """Plain round robin over the backends in rotation, in index order.
+
+    After a change in rotation it carries on with the next backend after the
+    last one picked. Weights only take a backend out (0) or keep it in (>0).
+    """
+
+    name: ClassVar[str] = "round_robin"
+
+    def __init__(self, n: int) -> None:
+        n = operator.index(n)
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        self._last = -1
+        self._next = 0
+        super().__init__([1] * n)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        super()._rebuild()
+        self._next = 0
+        for pos, i in enumerate(self._dense):
+            if i > self._last:
+                self._next = pos
+                break
+
+    def pick(self) -> int:
+        dense = self._dense
+        if not dense:
+            return -1
+        i = dense[self._next]
+        self._next += 1
+        if self._next == len(dense):
+            self._next = 0
+        self._last = i
+        return i
+
+
+class Random(_Kernel):
+    """Random picks: uniform when all weights in rotation are equal, weighted otherwise.
+
+    The weighted draw uses Walker's alias method, built with Vose's integer
+    variant on every change so each pick is O(1): one column draw, one
+    threshold draw.
+    """
+
+    name: ClassVar[str] = "random"
+
+    def __init__(self, weights: Sequence[int], *, seed: int | None = None) -> None:
+        super().__init__(weights)
+        self._rng = _Rng(_random_seed() if seed is None else seed)
+        self._uniform = True
+        self._total = 0
+        self._prob: list[int] = []
+        self._alias: list[int] = []
+        self._rebuild()
+
+    def seed(self, seed: int) -> None:
+        self._rng = _Rng(seed)
+
+    def _rebuild(self) -> None:
+        super()._rebuild()
+        dense = self._dense
+        m = len(dense)
+        ws = [self._w[i] for i in dense]
+        self._uniform = len(set(ws)) <= 1
+        total = sum(ws)
+        self._total = total
+        prob = [total] * m
+        alias = list(range(m))
+        scaled = [w * m for w in ws]
+        small = [j for j in range(m) if scaled[j] < total]
+        large = [j for j in range(m) if scaled[j] >= total]
+        while small and large:
+            s = small.pop()
+            g = large.pop()
+            prob[s] = scaled[s]
+            alias[s] = g
+            scaled[g] -= total - scaled[s]
+            if scaled[g] < total:
+                small.append(g)
+            else:
+                large.append(g)
+        self._prob = prob
+        self._alias = alias
+
+    def pick(self) -> int:
+        dense = self._dense
+        m = len(dense)
+        if m == 0:
+            return -1
+        col = self._rng.below(m)
+        if self._uniform:
+            return dense[col]
+        if self._rng.below(self._total) < self._prob[col]:
+            return dense[col]
+        return dense[self._alias[col]]
+
+
+class LeastRequest(_Kernel):
+    """Envoy's least_request: fewest in-flight calls wins.
+
+    With equal weights in rotation: power of two choices, two distinct
+    backends drawn at random and the one with fewer in-flight calls picked
+    (the first draw on a tie). With unequal weights, as Envoy: an
+    earliest-deadline-first schedule whose weight is recomputed whenever a
+    backend is (re)scheduled, ``weight / (in_flight + 1) ** active_request_bias``.
+    """
+
+    name: ClassVar[str] = "least_request"
+
+    def __init__(
+        self, weights: Sequence[int], *, active_request_bias: float = 1.0, seed: int | None = None
+    ) -> None:
+        bias = float(active_request_bias)
+        if not 0.0 <= bias <= 100.0:
+            raise ValueError(
+                f"active_request_bias must be in [0, 100], got {active_request_bias!r}"
+            )
+        super().__init__(weights)
+        self._bias = bias
+        self._rng = _Rng(_random_seed() if seed is None else seed)
+        self._equal = True
+        self._now = 0.0
+        self._order = 0
+        self._heap: list[tuple[float, int, int]] = []
+        self._rebuild()
+
+    def seed(self, seed: int) -> None:
+        self._rng = _Rng(seed)
+
+    def _eff_weight(self, i: int) -> float:
+        w = float(self._w[i])
+        active = float(self._inflight[i] + 1)
+        if self._bias == 1.0:
+            return w / active
+        if self._bias == 0.0:
+            return w
+        return w / math.pow(active, self._bias)
+
+    def _schedule(self, i: int) -> None:
+        heapq.heappush(self._heap, (self._now + 1.0 / self._eff_weight(i), self._order, i))
+        self._order += 1
+
+    def _rebuild(self) -> None:
+        super()._rebuild()
+        self._equal = len({self._w[i] for i in self._dense}) <= 1
+        self._now = 0.0
+        self._order = 0
+        self._heap = []
+        if not self._equal:
+            for i in self._dense:
+                self._schedule(i)
+
+    def pick(self) -> int:
+        dense = self._dense
+        m = len(dense)
+        if m == 0:
+            return -1
+        if self._equal:
+            if m == 1:
+                return dense[0]
+            a = self._rng.below(m)
+            b = self._rng.below(m - 1)
+            if b >= a:
+                b += 1
+            ia = dense[a]
+            ib = dense[b]
+            return ib if self._inflight[ib] < self._inflight[ia] else ia
+        deadline, _, i = heapq.heappop(self._heap)
+        self._now = deadline
+        self._schedule(i)
+        return i
+
+
+class PeakEwma(_Kernel):
+    """Peak EWMA, the "least response time" strategy (Finagle, tower, Linkerd).
+
+    Each backend keeps an estimate of its response time. ``observe`` decays it
+    by ``w = exp(-(now - last) / tau)`` and then takes the sample outright if
+    it is above the estimate (the peak), or blends it in as
+    ``ewma * w + rtt * (1 - w)``. The cost of a backend is
+    ``ewma * (in_flight + 1) / weight``. An idle backend's estimate decays
+    towards 0 as time passes, so a backend once slow is tried again.
+    ``pick()`` takes the lowest cost over all backends in rotation,
+    ``pick_p2c()`` the lower of two drawn at random (tower's p2c).
+
+    The estimates live in the log domain, ``log(ewma) + (last - t0) / tau``,
+    where the decay to the present is the same ``-(now - t0) / tau`` for
+    every backend and cancels out of the comparison: picks need no clock and
+    no ``exp``. ``t0`` is the first observation; until then every backend
+    holds ``default_rtt_s``, and backends never observed decay from ``t0``.
+    """
+
+    name: ClassVar[str] = "ewma"
+
+    def __init__(
+        self,
+        n: int,
+        decay_s: float = 10.0,
+        default_rtt_s: float = 0.03,
+        *,
+        seed: int | None = None,
+    ) -> None:
+        n = operator.index(n)
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        if not decay_s > 0.0 or math.isinf(decay_s):
+            raise ValueError(f"decay_s must be a positive number of seconds, got {decay_s!r}")
+        if not default_rtt_s > 0.0 or math.isinf(default_rtt_s):
+            raise ValueError(
+                f"default_rtt_s must be a positive number of seconds, got {default_rtt_s!r}"
+            )
+        super().__init__([1] * n)
+        self._tau = float(decay_s) * 1e9
+        self._default = float(default_rtt_s) * 1e9
+        self._rng = _Rng(_random_seed() if seed is None else seed)
+        self._t0: int | None = None
+        self._ewma = [self._default] * n
+        self._last = [0] * n  # ns since t0
+        self._score = [math.log(self._default)] * n  # log(ewma) + last/tau - log(weight)
+        self._rebuild()
+
+    def seed(self, seed: int) -> None:
+        self._rng = _Rng(seed)
+
+    def set_weight(self, i: int, weight: int) -> None:
+        super().set_weight(i, weight)
+        self._rescore(_check_index(i, self._n))
+
+    def _rescore(self, i: int) -> None:
+        w = self._w[i]
+        lw = math.log(w) if w > 0 else 0.0
+        self._score[i] = math.log(self._ewma[i]) + self._last[i] / self._tau - lw
+
+    def observe(self, i: int, rtt_ns: int, now_ns: int) -> None:
+        i = _check_index(i, self._n)
+        if self._t0 is None:
+            self._t0 = now_ns
+        now = now_ns - self._t0
+        now = max(now, self._last[i])
+        rtt = float(rtt_ns) if rtt_ns >= 1 else 1.0
+        ewma = self._ewma[i]
+        if rtt > ewma:
+            ewma = rtt
+        else:
+            w = math.exp(-((now - self._last[i]) / self._tau))
+            ewma = ewma * w + rtt * (1.0 - w)
+            ewma = max(ewma, 1.0)
+        self._ewma[i] = ewma
+        self._last[i] = now
+        self._rescore(i)
+
+    def cost(self, i: int, now_ns: int) -> float:
+        """The cost ``pick`` compares, in nanoseconds, as of ``now_ns``."""
+        i = _check_index(i, self._n)
+        w = self._w[i]
+        if w == 0:
+            return math.inf
+        decay = 1.0
+        if self._t0 is not None:
+            age = now_ns - self._t0 - self._last[i]
+            if age > 0:
+                decay = math.exp(-(age / self._tau))
+        return self._ewma[i] * decay * (self._inflight[i] + 1) / w
+
+    def _key(self, i: int) -> float:
+        return self._score[i] + _log1k(self._inflight[i])
+
+    def pick(self) -> int:
+        best = -1
+        best_key = 0.0
+        for i in self._dense:
+            k = self._key(i)
+            if best < 0 or k < best_key:
+                best = i
+                best_key = k
+        return best
+
+    def pick_p2c(self) -> int:
+        dense = self._dense
+        m = len(dense)
+        if m == 0:
+            return -1
+        if m == 1:
+            return dense[0]
+        a = self._rng.below(m)
+        b = self._rng.below(m - 1)
+        if b >= a:
+            b += 1
+        ia = dense[a]
+        ib = dense[b]
+        return ib if self._key(ib) < self._key(ia) else ia
+
+    def pick_p2c_many(self, count: int) -> int:
+        total = 0
+        for _ in range(count):
+            total += self.pick_p2c()
+        return total

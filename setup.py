@@ -1,0 +1,43 @@
+"""Build of the compiled kernels (``lbgw._fastpick``); metadata lives in pyproject.toml.
+
+Build knobs, read here and nowhere else:
+
+* ``LBGW_CYTHON_ANNOTATE=1`` writes ``lbgw/_fastpick.html`` (``cython -a``), to
+  check that the pick loops touch no Python object.
+* ``LBGW_CYTHON_DEBUG=1`` compiles with ``-O0 -g`` and Cython's bounds and
+  wraparound checks on, for gdb and for chasing memory errors.
+
+A compiler failure fails the install: there is no silent pure-Python
+fallback at build time (``LBGW_NO_EXTENSIONS=1`` chooses it at run time).
+"""
+
+import os
+import sys
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
+debug = _flag("LBGW_CYTHON_DEBUG")
+annotate = _flag("LBGW_CYTHON_ANNOTATE")
+
+compile_args: list[str] = []
+if sys.platform != "win32":
+    compile_args += ["-O0", "-g"] if debug else ["-O3"]
+    # The kernels' floating point must match the Python twins bit for bit:
+    # no fused multiply-add contraction.
+    compile_args.append("-ffp-contract=off")
+
+directives = {"language_level": "3", "embedsignature": True}
+if debug:
+    directives.update({"boundscheck": True, "wraparound": True})
+
+extensions = [
+    Extension("lbgw._fastpick", ["lbgw/_fastpick.pyx"], extra_compile_args=compile_args),
+]
+
+setup(ext_modules=cythonize(extensions, annotate=annotate, compiler_directives=directives))
