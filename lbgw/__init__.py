@@ -3,6 +3,7 @@
 from lbgw.kernels import (
     EDF_THRESHOLD,
     IMPLEMENTATION,
+    MAX_ACTIVE_REQUEST_BIAS,
     MAX_WEIGHT,
     LeastRequest,
     PeakEwma,
@@ -14,6 +15,7 @@ from lbgw.kernels import (
 __all__ = [
     "EDF_THRESHOLD",
     "IMPLEMENTATION",
+    "MAX_ACTIVE_REQUEST_BIAS",
     "MAX_WEIGHT",
     "LeastRequest",
     "PeakEwma",

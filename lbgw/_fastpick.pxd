@@ -1,7 +1,23 @@
 # Declarations of the compiled picking kernels; _fastpick.pyx implements them.
 # State lives in C arrays owned by each object; pick loops touch no Python object.
 
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+
+
+ctypedef struct _Slot:
+    # One backend's entry in SmoothWeightedRoundRobin's EDF heap. Its deadline
+    # is u / 2w; entries compare by u_a * w_b < u_b * w_a, then by dense position.
+    uint32_t u                  # 2k - 1 for this cycle's next pick k: deadline u / 2w
+    uint32_t w                  # weight
+    int32_t j                   # dense position
+    int32_t i                   # backend index
+
+
+ctypedef struct _Due:
+    # One backend's entry in LeastRequest's EDF heap, ordered by (deadline, order).
+    double deadline
+    uint64_t order              # when it was scheduled: unique, breaks ties
+    int32_t i                   # backend index
 
 
 cdef class _Kernel:
@@ -15,7 +31,7 @@ cdef class _Kernel:
 
     cdef int _alloc(self, Py_ssize_t n) except -1
     cdef void _rebuild(self) noexcept
-    cdef Py_ssize_t _index(self, Py_ssize_t i) except -1
+    cdef Py_ssize_t _index(self, object i) except -1
 
 
 cdef class SmoothWeightedRoundRobin(_Kernel):
@@ -23,12 +39,10 @@ cdef class SmoothWeightedRoundRobin(_Kernel):
     cdef int64_t *_cur          # nginx current weight, by index (kept while out of rotation)
     cdef int64_t *_dcur         # current weight, by dense position (the scan's copy)
     cdef int64_t _total
-    cdef int64_t *_k            # EDF: next deadline numerator, by dense position
-    cdef int32_t *_heap         # EDF: min-heap of dense positions
+    cdef _Slot *_heap           # EDF: min-heap of every backend in rotation
     cdef int64_t _cycle_left
 
     cdef int _pick(self) noexcept nogil
-    cdef void _sift_down(self, Py_ssize_t h) noexcept nogil
 
 
 cdef class RoundRobin(_Kernel):
@@ -54,17 +68,11 @@ cdef class LeastRequest(_Kernel):
     cdef bint _equal
     cdef double _now
     cdef uint64_t _order
-    cdef Py_ssize_t _hsize
-    cdef double *_hdl           # EDF heap: deadline
-    cdef uint64_t *_hord        # EDF heap: order of scheduling (tie-break)
-    cdef int32_t *_hidx         # EDF heap: backend index
+    cdef _Due *_heap            # EDF: min-heap of every backend in rotation
 
     cdef int _pick(self) noexcept nogil
     cdef double _eff_weight(self, Py_ssize_t i) noexcept nogil
-    cdef bint _before(self, Py_ssize_t a, Py_ssize_t b) noexcept nogil
-    cdef void _swap(self, Py_ssize_t a, Py_ssize_t b) noexcept nogil
-    cdef void _push(self, Py_ssize_t i) noexcept nogil
-    cdef void _replace_top(self, Py_ssize_t i) noexcept nogil
+    cdef _Due _due(self, Py_ssize_t i) noexcept nogil
 
 
 cdef class PeakEwma(_Kernel):
@@ -73,6 +81,8 @@ cdef class PeakEwma(_Kernel):
     cdef double _default        # estimate before any observation, ns
     cdef bint _has_t0
     cdef int64_t _t0            # first observation, ns
+    cdef int64_t _latest        # latest observation, ns since t0
+    cdef uint8_t *_inrot        # in rotation as of the last rebuild, by index
     cdef double *_ewma          # estimate, ns, by index
     cdef int64_t *_last         # last observation, ns since t0, by index
     cdef double *_score         # log(ewma) + last/tau - log(weight), by index

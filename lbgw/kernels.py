@@ -19,6 +19,7 @@ from lbgw import picking
 __all__ = [
     "EDF_THRESHOLD",
     "IMPLEMENTATION",
+    "MAX_ACTIVE_REQUEST_BIAS",
     "MAX_WEIGHT",
     "LeastRequest",
     "PeakEwma",
@@ -49,6 +50,7 @@ _impl, _name = _select()
 #: ``"cython"`` or ``"python"``: which kernels lbgw is running on.
 IMPLEMENTATION: Final[str] = _name
 MAX_WEIGHT: Final[int] = _impl.MAX_WEIGHT
+MAX_ACTIVE_REQUEST_BIAS: Final[float] = _impl.MAX_ACTIVE_REQUEST_BIAS
 EDF_THRESHOLD: Final[int] = _impl.EDF_THRESHOLD
 
 SmoothWeightedRoundRobin: type[picking.SmoothWeightedRoundRobin] = _impl.SmoothWeightedRoundRobin

@@ -32,6 +32,7 @@ from typing import ClassVar
 
 __all__ = [
     "EDF_THRESHOLD",
+    "MAX_ACTIVE_REQUEST_BIAS",
     "MAX_WEIGHT",
     "LeastRequest",
     "PeakEwma",
@@ -44,9 +45,13 @@ __all__ = [
 #: form (weight × count, weight × weight) far inside 64 bits.
 MAX_WEIGHT = 1 << 24
 
+#: Largest ``active_request_bias``: even 2**63 calls in flight raised to it
+#: stay inside a double, so no backend's load-scaled weight reaches 0.
+MAX_ACTIVE_REQUEST_BIAS = 10.0
+
 #: Number of backends at and above which SmoothWeightedRoundRobin switches
 #: from nginx's O(n) scan to an O(log n) earliest-deadline-first heap.
-EDF_THRESHOLD = 128
+EDF_THRESHOLD = 64
 
 _M64 = (1 << 64) - 1
 _LOGTAB_SIZE = 256
@@ -96,37 +101,37 @@ class _Kernel:
     def _rebuild(self) -> None:
         self._dense = [i for i in range(self._n) if self._elig[i] and self._w[i] > 0]
 
-    def set_eligible(self, i: int, eligible: bool) -> None:
+    def set_eligible(self, i: int, /, eligible: bool) -> None:
         i = _check_index(i, self._n)
         if self._elig[i] != bool(eligible):
             self._elig[i] = bool(eligible)
             self._rebuild()
 
-    def is_eligible(self, i: int) -> bool:
+    def is_eligible(self, i: int, /) -> bool:
         return self._elig[_check_index(i, self._n)]
 
-    def set_weight(self, i: int, weight: int) -> None:
+    def set_weight(self, i: int, /, weight: int) -> None:
         i = _check_index(i, self._n)
         w = _check_weight(weight)
         if self._w[i] != w:
             self._w[i] = w
             self._rebuild()
 
-    def weight(self, i: int) -> int:
+    def weight(self, i: int, /) -> int:
         return self._w[_check_index(i, self._n)]
 
-    def started(self, i: int) -> None:
+    def started(self, i: int, /) -> None:
         self._inflight[_check_index(i, self._n)] += 1
 
-    def finished(self, i: int) -> None:
+    def finished(self, i: int, /) -> None:
         i = _check_index(i, self._n)
         if self._inflight[i] > 0:
             self._inflight[i] -= 1
 
-    def in_flight(self, i: int) -> int:
+    def in_flight(self, i: int, /) -> int:
         return self._inflight[_check_index(i, self._n)]
 
-    def observe(self, i: int, rtt_ns: int, now_ns: int) -> None:
+    def observe(self, i: int, /, rtt_ns: int, now_ns: int) -> None:
         _check_index(i, self._n)
 
     def pick(self) -> int:
@@ -174,11 +179,17 @@ class SmoothWeightedRoundRobin(_Kernel):
 
     The scan is O(n). From ``edf_threshold`` backends on, the kernel uses an
     earliest-deadline-first heap instead (the scheduler behind Envoy's
-    weighted round robin), in O(log n): backend ``i``'s ``k``-th pick of a
-    cycle has the deadline ``k / w_i``, compared exactly as integers, ties to
-    the lower index. A cycle of ``sum(weights)`` picks still gives each
-    backend exactly its weight; the order within a cycle differs from
-    nginx's. A change in rotation or weight restarts the cycle.
+    weighted round robin), in O(log n). Backend ``i``'s ``k``-th pick of a
+    cycle has the deadline ``(k - 1/2) / w_i``: the Sainte-Laguë (Webster)
+    divisors, which spread each backend's picks over the cycle, where
+    Envoy's ``k / w_i`` puts every backend's last pick at the same instant
+    and so bunches them at the cycle's end (``[5, 1, 1]`` gives
+    ``0, 0, 0, 1, 2, 0, 0`` here, ``0, 0, 0, 0, 0, 1, 2`` with ``k / w``).
+    Deadlines compare exactly, as integers, ties to the lower index. All
+    deadlines of a cycle lie in ``(0, 1)``, so a cycle of ``sum(weights)``
+    picks still gives each backend exactly its weight, as nginx's does; the
+    order within a cycle differs from nginx's. A change in rotation or weight
+    restarts the cycle.
     """
 
     name: ClassVar[str] = "swrr"
@@ -188,8 +199,9 @@ class SmoothWeightedRoundRobin(_Kernel):
         self._edf = self._n >= edf_threshold
         self._cur = [0] * self._n
         self._total = 0
-        # EDF state, by dense position: next deadline numerator and the heap.
-        self._k: list[int] = []
+        # EDF state, by dense position: next deadline numerator 2k - 1 (the
+        # deadline is (2k - 1) / 2w) and the heap.
+        self._u: list[int] = []
         self._heap: list[int] = []
         self._cycle_left = 0
         self._rebuild()
@@ -203,7 +215,7 @@ class SmoothWeightedRoundRobin(_Kernel):
         self._total = sum(self._w[i] for i in self._dense)
         if self._edf:
             m = len(self._dense)
-            self._k = [1] * m
+            self._u = [1] * m
             self._heap = list(range(m))
             for h in range(m // 2 - 1, -1, -1):
                 self._sift_down(h)
@@ -213,8 +225,8 @@ class SmoothWeightedRoundRobin(_Kernel):
         """Whether dense position ``a``'s deadline comes before ``b``'s."""
         wa = self._w[self._dense[a]]
         wb = self._w[self._dense[b]]
-        lhs = self._k[a] * wb
-        rhs = self._k[b] * wa
+        lhs = self._u[a] * wb
+        rhs = self._u[b] * wa
         return lhs < rhs or (lhs == rhs and a < b)
 
     def _sift_down(self, h: int) -> None:
@@ -239,13 +251,13 @@ class SmoothWeightedRoundRobin(_Kernel):
             return -1
         if self._edf:
             top = self._heap[0]
-            self._k[top] += 1
+            self._u[top] += 2
             self._sift_down(0)
             self._cycle_left -= 1
             if self._cycle_left == 0:
                 # Every deadline has moved on by exactly 1: rebase, order unchanged.
                 for j, i in enumerate(dense):
-                    self._k[j] -= self._w[i]
+                    self._u[j] -= 2 * self._w[i]
                 self._cycle_left = self._total
             return dense[top]
         cur = self._cur
@@ -319,8 +331,8 @@ class Random(_Kernel):
         self._alias: list[int] = []
         self._rebuild()
 
-    def seed(self, seed: int) -> None:
-        self._rng = _Rng(seed)
+    def seed(self, seed: int | None) -> None:
+        self._rng = _Rng(_random_seed() if seed is None else seed)
 
     def _rebuild(self) -> None:
         super()._rebuild()
@@ -368,7 +380,8 @@ class LeastRequest(_Kernel):
     backends drawn at random and the one with fewer in-flight calls picked
     (the first draw on a tie). With unequal weights, as Envoy: an
     earliest-deadline-first schedule whose weight is recomputed whenever a
-    backend is (re)scheduled, ``weight / (in_flight + 1) ** active_request_bias``.
+    backend is (re)scheduled, ``weight / (in_flight + 1) ** active_request_bias``,
+    with the bias in ``[0, MAX_ACTIVE_REQUEST_BIAS]`` (Envoy's default is 1).
     """
 
     name: ClassVar[str] = "least_request"
@@ -377,9 +390,10 @@ class LeastRequest(_Kernel):
         self, weights: Sequence[int], *, active_request_bias: float = 1.0, seed: int | None = None
     ) -> None:
         bias = float(active_request_bias)
-        if not 0.0 <= bias <= 100.0:
+        if not 0.0 <= bias <= MAX_ACTIVE_REQUEST_BIAS:
             raise ValueError(
-                f"active_request_bias must be in [0, 100], got {active_request_bias!r}"
+                f"active_request_bias must be in [0, {MAX_ACTIVE_REQUEST_BIAS}], "
+                f"got {active_request_bias!r}"
             )
         super().__init__(weights)
         self._bias = bias
@@ -390,8 +404,8 @@ class LeastRequest(_Kernel):
         self._heap: list[tuple[float, int, int]] = []
         self._rebuild()
 
-    def seed(self, seed: int) -> None:
-        self._rng = _Rng(seed)
+    def seed(self, seed: int | None) -> None:
+        self._rng = _Rng(_random_seed() if seed is None else seed)
 
     def _eff_weight(self, i: int) -> float:
         w = float(self._w[i])
@@ -449,11 +463,17 @@ class PeakEwma(_Kernel):
     ``pick()`` takes the lowest cost over all backends in rotation,
     ``pick_p2c()`` the lower of two drawn at random (tower's p2c).
 
+    A backend entering rotation (at construction, or when it becomes
+    eligible or its weight leaves 0) starts afresh at ``default_rtt_s``, as
+    of the latest observation, as tower gives a new endpoint its default RTT:
+    an estimate that has decayed for the whole time a backend was out must
+    not flood it with every call when it comes back.
+
     The estimates live in the log domain, ``log(ewma) + (last - t0) / tau``,
     where the decay to the present is the same ``-(now - t0) / tau`` for
     every backend and cancels out of the comparison: picks need no clock and
-    no ``exp``. ``t0`` is the first observation; until then every backend
-    holds ``default_rtt_s``, and backends never observed decay from ``t0``.
+    no ``exp``. ``t0`` is the first observation. Times are integer
+    nanoseconds from a monotonic clock.
     """
 
     name: ClassVar[str] = "ewma"
@@ -480,15 +500,25 @@ class PeakEwma(_Kernel):
         self._default = float(default_rtt_s) * 1e9
         self._rng = _Rng(_random_seed() if seed is None else seed)
         self._t0: int | None = None
+        self._latest = 0  # latest observation, ns since t0
         self._ewma = [self._default] * n
         self._last = [0] * n  # ns since t0
         self._score = [math.log(self._default)] * n  # log(ewma) + last/tau - log(weight)
         self._rebuild()
 
-    def seed(self, seed: int) -> None:
-        self._rng = _Rng(seed)
+    def _rebuild(self) -> None:
+        before = set(self._dense)
+        super()._rebuild()
+        for i in self._dense:
+            if i not in before:
+                self._ewma[i] = self._default
+                self._last[i] = self._latest
+                self._rescore(i)
 
-    def set_weight(self, i: int, weight: int) -> None:
+    def seed(self, seed: int | None) -> None:
+        self._rng = _Rng(_random_seed() if seed is None else seed)
+
+    def set_weight(self, i: int, /, weight: int) -> None:
         super().set_weight(i, weight)
         self._rescore(_check_index(i, self._n))
 
@@ -497,7 +527,7 @@ class PeakEwma(_Kernel):
         lw = math.log(w) if w > 0 else 0.0
         self._score[i] = math.log(self._ewma[i]) + self._last[i] / self._tau - lw
 
-    def observe(self, i: int, rtt_ns: int, now_ns: int) -> None:
+    def observe(self, i: int, /, rtt_ns: int, now_ns: int) -> None:
         i = _check_index(i, self._n)
         if self._t0 is None:
             self._t0 = now_ns
@@ -513,9 +543,10 @@ class PeakEwma(_Kernel):
             ewma = max(ewma, 1.0)
         self._ewma[i] = ewma
         self._last[i] = now
+        self._latest = max(self._latest, now)
         self._rescore(i)
 
-    def cost(self, i: int, now_ns: int) -> float:
+    def cost(self, i: int, /, now_ns: int) -> float:
         """The cost ``pick`` compares, in nanoseconds, as of ``now_ns``."""
         i = _check_index(i, self._n)
         w = self._w[i]

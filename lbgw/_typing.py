@@ -1,0 +1,71 @@
+"""Protocols that connect lbgw's parts.
+
+``Kernel`` is what the balancer needs of a picking kernel; both the compiled
+kernels (``lbgw._fastpick``) and their pure-Python twins (``lbgw.picking``)
+provide it, and ``KernelModule`` is either module. mypy checks that both
+modules conform (``tests/unit/kernel_support.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+
+class Kernel(Protocol):
+    """Picks a backend index; rotation, weights and load change without a rebuild."""
+
+    @property
+    def n(self) -> int: ...
+    def pick(self) -> int: ...
+    def pick_many(self, count: int) -> int: ...
+    def set_eligible(self, i: int, /, eligible: bool) -> None: ...
+    def is_eligible(self, i: int, /) -> bool: ...
+    def set_weight(self, i: int, /, weight: int) -> None: ...
+    def weight(self, i: int, /) -> int: ...
+    def started(self, i: int, /) -> None: ...
+    def finished(self, i: int, /) -> None: ...
+    def in_flight(self, i: int, /) -> int: ...
+    def observe(self, i: int, /, rtt_ns: int, now_ns: int) -> None: ...
+
+
+class SeededKernel(Kernel, Protocol):
+    """A kernel that draws random numbers, reproducibly once seeded."""
+
+    def seed(self, seed: int | None) -> None: ...
+
+
+class EwmaKernel(SeededKernel, Protocol):
+    """Peak EWMA: also the power-of-two-choices pick and the cost it compares."""
+
+    def pick_p2c(self) -> int: ...
+    def pick_p2c_many(self, count: int) -> int: ...
+    def cost(self, i: int, /, now_ns: int) -> float: ...
+
+
+class SwrrKernel(Kernel, Protocol):
+    """Smooth weighted round-robin, which says which scheduler it runs."""
+
+    @property
+    def scheduler(self) -> str: ...
+
+
+class KernelModule(Protocol):
+    """A module of kernels: ``lbgw._fastpick`` or its twin ``lbgw.picking``."""
+
+    @property
+    def MAX_WEIGHT(self) -> int: ...  # noqa: N802 - a module constant
+    @property
+    def MAX_ACTIVE_REQUEST_BIAS(self) -> float: ...  # noqa: N802
+    @property
+    def EDF_THRESHOLD(self) -> int: ...  # noqa: N802
+    @property
+    def SmoothWeightedRoundRobin(self) -> Callable[..., SwrrKernel]: ...  # noqa: N802 - a class
+    @property
+    def RoundRobin(self) -> Callable[..., Kernel]: ...  # noqa: N802
+    @property
+    def Random(self) -> Callable[..., SeededKernel]: ...  # noqa: N802
+    @property
+    def LeastRequest(self) -> Callable[..., SeededKernel]: ...  # noqa: N802
+    @property
+    def PeakEwma(self) -> Callable[..., EwmaKernel]: ...  # noqa: N802
