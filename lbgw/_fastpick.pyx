@@ -111,6 +111,14 @@ cdef inline void _sift(_Entry *heap, Py_ssize_t m, Py_ssize_t h) noexcept nogil:
     heap[h] = item
 
 
+cdef inline void _two(uint64_t *state, Py_ssize_t m, Py_ssize_t *a, Py_ssize_t *b) noexcept nogil:
+    """Two distinct draws in [0, m), m >= 2: the second skips over the first."""
+    a[0] = <Py_ssize_t>_below(state, <uint64_t>m)
+    b[0] = <Py_ssize_t>_below(state, <uint64_t>(m - 1))
+    if b[0] >= a[0]:
+        b[0] += 1
+
+
 cdef inline double _log1k(int64_t k) noexcept nogil:
     return _LOGTAB[k] if k < _LOGTAB_SIZE else log(<double>(k + 1))
 
@@ -511,10 +519,7 @@ cdef class LeastRequest(_Kernel):
         if self._equal:
             if m == 1:
                 return self._dense[0]
-            a = <Py_ssize_t>_below(&self._rng, <uint64_t>m)
-            b = <Py_ssize_t>_below(&self._rng, <uint64_t>(m - 1))
-            if b >= a:
-                b += 1
+            _two(&self._rng, m, &a, &b)
             ia = self._dense[a]
             ib = self._dense[b]
             return ib if self._inflight[ib] < self._inflight[ia] else ia
@@ -650,10 +655,7 @@ cdef class PeakEwma(_Kernel):
             return -1
         if m == 1:
             return self._dense[0]
-        a = <Py_ssize_t>_below(&self._rng, <uint64_t>m)
-        b = <Py_ssize_t>_below(&self._rng, <uint64_t>(m - 1))
-        if b >= a:
-            b += 1
+        _two(&self._rng, m, &a, &b)
         ia = self._dense[a]
         ib = self._dense[b]
         if self._score[ib] + _log1k(self._inflight[ib]) < self._score[ia] + _log1k(self._inflight[ia]):

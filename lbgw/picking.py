@@ -166,6 +166,12 @@ class _Rng:
         """A draw in ``[0, bound)``; ``bound`` must be positive."""
         return (self.next() * bound) >> 64
 
+    def two(self, m: int) -> tuple[int, int]:
+        """Two distinct draws in ``[0, m)``, ``m >= 2``: the second skips over the first."""
+        a = self.below(m)
+        b = self.below(m - 1)
+        return a, b + 1 if b >= a else b
+
 
 class SmoothWeightedRoundRobin(_Kernel):
     """nginx's smooth weighted round-robin (``ngx_http_upstream_get_peer``).
@@ -438,10 +444,7 @@ class LeastRequest(_Kernel):
         if self._equal:
             if m == 1:
                 return dense[0]
-            a = self._rng.below(m)
-            b = self._rng.below(m - 1)
-            if b >= a:
-                b += 1
+            a, b = self._rng.two(m)
             ia = dense[a]
             ib = dense[b]
             return ib if self._inflight[ib] < self._inflight[ia] else ia
@@ -579,10 +582,7 @@ class PeakEwma(_Kernel):
             return -1
         if m == 1:
             return dense[0]
-        a = self._rng.below(m)
-        b = self._rng.below(m - 1)
-        if b >= a:
-            b += 1
+        a, b = self._rng.two(m)
         ia = dense[a]
         ib = dense[b]
         return ib if self._key(ib) < self._key(ia) else ia
