@@ -3,6 +3,7 @@
 from collections.abc import Sequence
 from typing import ClassVar
 
+MAX_BACKENDS: int
 MAX_WEIGHT: int
 MAX_ACTIVE_REQUEST_BIAS: float
 EDF_THRESHOLD: int

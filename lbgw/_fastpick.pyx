@@ -24,6 +24,7 @@ from libc.stdlib cimport calloc, free
 import operator
 import os
 
+MAX_BACKENDS = 1 << 20
 MAX_WEIGHT = 1 << 24
 MAX_ACTIVE_REQUEST_BIAS = 10.0
 EDF_THRESHOLD = 64
@@ -153,9 +154,12 @@ cdef class _Kernel:
         free(self._dense)
         free(self._dw)
 
-    cdef int _alloc(self, Py_ssize_t n) except -1:
-        if n < 0:
-            raise ValueError(f"n must be >= 0, got {n}")
+    cdef int _alloc(self, object count) except -1:
+        if self._w != NULL:
+            raise TypeError(f"{type(self).__name__} is already initialised")
+        n = operator.index(count)
+        if not 0 <= n <= MAX_BACKENDS:
+            raise ValueError(f"n must be in [0, {MAX_BACKENDS}], got {n}")
         self._n = n
         self._m = 0
         self._w = <int64_t *>_calloc(n, sizeof(int64_t))
@@ -164,7 +168,7 @@ cdef class _Kernel:
         self._dense = <int32_t *>_calloc(n, sizeof(int32_t))
         self._dw = <int64_t *>_calloc(n, sizeof(int64_t))
         cdef Py_ssize_t i
-        for i in range(n):
+        for i in range(self._n):
             self._elig[i] = 1
         return 0
 
@@ -324,7 +328,7 @@ cdef class RoundRobin(_Kernel):
     def __init__(self, n):
         self._last = -1
         self._next = 0
-        self._alloc(operator.index(n))
+        self._alloc(n)
         cdef Py_ssize_t i
         for i in range(self._n):
             self._w[i] = 1
@@ -555,7 +559,7 @@ cdef class PeakEwma(_Kernel):
             raise ValueError(
                 f"default_rtt_s must be a positive number of seconds, got {default_rtt_s!r}"
             )
-        self._alloc(operator.index(n))
+        self._alloc(n)
         self._ewma = <double *>_calloc(self._n, sizeof(double))
         self._last = <int64_t *>_calloc(self._n, sizeof(int64_t))
         self._score = <double *>_calloc(self._n, sizeof(double))

@@ -56,6 +56,8 @@ class KernelModule(Protocol):
     @property
     def MAX_WEIGHT(self) -> int: ...  # noqa: N802 - a module constant
     @property
+    def MAX_BACKENDS(self) -> int: ...  # noqa: N802
+    @property
     def MAX_ACTIVE_REQUEST_BIAS(self) -> float: ...  # noqa: N802
     @property
     def EDF_THRESHOLD(self) -> int: ...  # noqa: N802

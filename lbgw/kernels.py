@@ -20,6 +20,7 @@ __all__ = [
     "EDF_THRESHOLD",
     "IMPLEMENTATION",
     "MAX_ACTIVE_REQUEST_BIAS",
+    "MAX_BACKENDS",
     "MAX_WEIGHT",
     "LeastRequest",
     "PeakEwma",
@@ -51,6 +52,7 @@ _impl, _name = _select()
 IMPLEMENTATION: Final[str] = _name
 MAX_WEIGHT: Final[int] = _impl.MAX_WEIGHT
 MAX_ACTIVE_REQUEST_BIAS: Final[float] = _impl.MAX_ACTIVE_REQUEST_BIAS
+MAX_BACKENDS: Final[int] = _impl.MAX_BACKENDS
 EDF_THRESHOLD: Final[int] = _impl.EDF_THRESHOLD
 
 SmoothWeightedRoundRobin: type[picking.SmoothWeightedRoundRobin] = _impl.SmoothWeightedRoundRobin

@@ -12,7 +12,9 @@ Rules shared by every kernel:
 * Backends are the indices ``0..n-1``. ``pick()`` returns one of them, or
   ``-1`` when none is eligible.
 * A backend is in rotation when it is eligible *and* its weight is above 0;
-  ``set_eligible`` and ``set_weight`` change that without rebuilding.
+  ``set_eligible`` and ``set_weight`` change that in place (the kernel
+  recomputes its arrays then, never on a pick).
+* At most ``MAX_BACKENDS`` backends.
 * Weights are integers in ``[0, MAX_WEIGHT]``.
 * ``started``/``finished`` keep an in-flight count per backend (never below
   0); ``observe`` feeds a latency sample and is a no-op except in PeakEwma.
@@ -33,6 +35,7 @@ from typing import ClassVar
 __all__ = [
     "EDF_THRESHOLD",
     "MAX_ACTIVE_REQUEST_BIAS",
+    "MAX_BACKENDS",
     "MAX_WEIGHT",
     "LeastRequest",
     "PeakEwma",
@@ -40,6 +43,10 @@ __all__ = [
     "RoundRobin",
     "SmoothWeightedRoundRobin",
 ]
+
+#: Most backends a kernel takes: far beyond any cluster, and it keeps indices
+#: in 32 bits and the alias tables' products (weight × count) in 64.
+MAX_BACKENDS = 1 << 20
 
 #: Largest weight a backend may have. Keeps every product the schedulers
 #: form (weight × count, weight × weight) far inside 64 bits.
@@ -70,6 +77,12 @@ def _check_weight(weight: int) -> int:
     return w
 
 
+def _check_count(n: int) -> int:
+    if not 0 <= n <= MAX_BACKENDS:
+        raise ValueError(f"n must be in [0, {MAX_BACKENDS}], got {n}")
+    return n
+
+
 def _check_index(i: int, n: int) -> int:
     i = operator.index(i)
     if not 0 <= i < n:
@@ -87,7 +100,7 @@ class _Kernel:
     name: ClassVar[str] = ""
 
     def __init__(self, weights: Sequence[int]) -> None:
-        self._n = len(weights)
+        self._n = _check_count(len(weights))
         self._w = [_check_weight(w) for w in weights]
         self._elig = [True] * self._n
         self._inflight = [0] * self._n
@@ -290,9 +303,7 @@ class RoundRobin(_Kernel):
     name: ClassVar[str] = "round_robin"
 
     def __init__(self, n: int) -> None:
-        n = operator.index(n)
-        if n < 0:
-            raise ValueError(f"n must be >= 0, got {n}")
+        n = _check_count(operator.index(n))
         self._last = -1
         self._next = 0
         super().__init__([1] * n)
@@ -489,9 +500,7 @@ class PeakEwma(_Kernel):
         *,
         seed: int | None = None,
     ) -> None:
-        n = operator.index(n)
-        if n < 0:
-            raise ValueError(f"n must be >= 0, got {n}")
+        n = _check_count(operator.index(n))
         if not decay_s > 0.0 or math.isinf(decay_s):
             raise ValueError(f"decay_s must be a positive number of seconds, got {decay_s!r}")
         if not default_rtt_s > 0.0 or math.isinf(default_rtt_s):

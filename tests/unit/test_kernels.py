@@ -16,6 +16,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from lbgw import _fastpick
 from lbgw._typing import Kernel
 from tests.unit.kernel_support import (
     EWMA_CLASSES,
@@ -625,11 +626,25 @@ def test_bad_ewma_parameters_are_value_error(impl: Impl, param: str, value: floa
         impl.PeakEwma(2, **{param: value})
 
 
-def test_negative_backend_count_is_value_error(impl: Impl) -> None:
-    with pytest.raises(ValueError, match="n must be >= 0"):
-        impl.RoundRobin(-1)
-    with pytest.raises(ValueError, match="n must be >= 0"):
-        impl.PeakEwma(-1)
+@pytest.mark.parametrize("n", [-1, 2**20 + 1, 2**70])
+def test_backend_count_out_of_range_is_value_error(impl: Impl, n: int) -> None:
+    assert impl.MAX_BACKENDS == 2**20
+    with pytest.raises(ValueError, match=r"n must be in \[0, 1048576\]"):
+        impl.RoundRobin(n)
+    with pytest.raises(ValueError, match=r"n must be in \[0, 1048576\]"):
+        impl.PeakEwma(n)
+
+
+def test_more_weights_than_max_backends_is_value_error(impl: Impl) -> None:
+    with pytest.raises(ValueError, match=r"n must be in \[0, 1048576\], got 1048577"):
+        impl.SmoothWeightedRoundRobin([1] * (2**20 + 1))
+
+
+def test_compiled_kernel_cannot_be_initialised_twice() -> None:
+    k = _fastpick.RoundRobin(3)
+    with pytest.raises(TypeError, match="already initialised"):
+        type(k).__init__(k, 5)
+    assert k.n == 3
 
 
 @pytest.mark.parametrize("kernel", FACTORIES)
