@@ -6,10 +6,9 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
 ctypedef struct _Slot:
     # One backend's entry in SmoothWeightedRoundRobin's EDF heap. Its deadline
-    # is u / 2w; entries compare by u_a * w_b < u_b * w_a, then by dense position.
+    # is u / 2w; entries compare by u_a * w_b < u_b * w_a, then by index.
     uint32_t u                  # 2k - 1 for this cycle's next pick k: deadline u / 2w
     uint32_t w                  # weight
-    int32_t j                   # dense position
     int32_t i                   # backend index
 
 
@@ -40,9 +39,13 @@ cdef class SmoothWeightedRoundRobin(_Kernel):
     cdef int64_t *_dcur         # current weight, by dense position (the scan's copy)
     cdef int64_t _total
     cdef _Slot *_heap           # EDF: min-heap of every backend in rotation
-    cdef int64_t _cycle_left
+    cdef uint32_t *_ui          # EDF: u of each backend's entry, by index (0: none), at rebuilds
+    cdef uint32_t *_uw          # EDF: the weight that entry was scheduled with
+    cdef int64_t _t_num         # EDF: the deadline last served, t_num / t_den
+    cdef int64_t _t_den
 
     cdef int _pick(self) noexcept nogil
+    cdef void _rebase_if_due(self) noexcept nogil
 
 
 cdef class RoundRobin(_Kernel):
@@ -52,8 +55,11 @@ cdef class RoundRobin(_Kernel):
     cdef int _pick(self) noexcept nogil
 
 
-cdef class Random(_Kernel):
-    cdef uint64_t _rng
+cdef class _SeededKernel(_Kernel):
+    cdef uint64_t _rng          # splitmix64 state
+
+
+cdef class Random(_SeededKernel):
     cdef bint _uniform
     cdef int64_t _total
     cdef int64_t *_prob         # alias method: threshold, by column
@@ -62,21 +68,21 @@ cdef class Random(_Kernel):
     cdef int _pick(self) noexcept nogil
 
 
-cdef class LeastRequest(_Kernel):
-    cdef uint64_t _rng
+cdef class LeastRequest(_SeededKernel):
     cdef double _bias
     cdef bint _equal
-    cdef double _now
-    cdef uint64_t _order
+    cdef double _now            # EDF: the deadline last served
+    cdef uint64_t _order        # EDF: the next entry's tie-breaking order
     cdef _Due *_heap            # EDF: min-heap of every backend in rotation
+    cdef Py_ssize_t _hsize      # EDF: entries in the heap (0 while in P2C mode)
+    cdef _Due *_saved           # EDF: each backend's entry, by index, at rebuilds (i = -1: none)
 
     cdef int _pick(self) noexcept nogil
     cdef double _eff_weight(self, Py_ssize_t i) noexcept nogil
     cdef _Due _due(self, Py_ssize_t i) noexcept nogil
 
 
-cdef class PeakEwma(_Kernel):
-    cdef uint64_t _rng
+cdef class PeakEwma(_SeededKernel):
     cdef double _tau            # decay time constant, ns
     cdef double _default        # estimate before any observation, ns
     cdef bint _has_t0

@@ -73,10 +73,10 @@ cdef inline bint _before(_Entry *a, _Entry *b) noexcept nogil:
     """Whether heap entry a is due before b. No branches: the sift selects with it."""
     cdef uint64_t lhs, rhs
     if _Entry is _Slot:
-        # Deadlines u / 2w, compared exactly; ties to the lower dense position.
+        # Deadlines u / 2w, compared exactly; ties to the lower index.
         lhs = <uint64_t>a.u * b.w
         rhs = <uint64_t>b.u * a.w
-        return (lhs < rhs) | ((lhs == rhs) & (a.j < b.j))
+        return (lhs < rhs) | ((lhs == rhs) & (a.i < b.i))
     else:
         return (a.deadline < b.deadline) | ((a.deadline == b.deadline) & (a.order < b.order))
 
@@ -244,6 +244,8 @@ cdef class SmoothWeightedRoundRobin(_Kernel):
         free(self._cur)
         free(self._dcur)
         free(self._heap)
+        free(self._ui)
+        free(self._uw)
 
     def __init__(self, weights, *, Py_ssize_t edf_threshold=EDF_THRESHOLD):
         ws = [_check_weight(w) for w in weights]
@@ -251,6 +253,10 @@ cdef class SmoothWeightedRoundRobin(_Kernel):
         self._cur = <int64_t *>_calloc(self._n, sizeof(int64_t))
         self._dcur = <int64_t *>_calloc(self._n, sizeof(int64_t))
         self._heap = <_Slot *>_calloc(self._n, sizeof(_Slot))
+        self._ui = <uint32_t *>_calloc(self._n, sizeof(uint32_t))
+        self._uw = <uint32_t *>_calloc(self._n, sizeof(uint32_t))
+        self._t_num = 0
+        self._t_den = 1
         cdef Py_ssize_t i
         for i in range(self._n):
             self._w[i] = ws[i]
@@ -262,24 +268,47 @@ cdef class SmoothWeightedRoundRobin(_Kernel):
         return "edf" if self._edf else "swrr"
 
     cdef void _rebuild(self) noexcept:
-        cdef Py_ssize_t j, h
-        # Keep each backend's current weight across the change, as nginx does.
+        cdef Py_ssize_t i, j, h
+        cdef int64_t w, u
+        # Keep each backend's current weight across the change, as nginx does,
+        # and each EDF entry's deadline (see the twin for why).
         for j in range(self._m):
             self._cur[self._dense[j]] = self._dcur[j]
+        if self._edf:
+            for h in range(self._m):
+                self._ui[self._heap[h].i] = self._heap[h].u
         _Kernel._rebuild(self)
         self._total = 0
         for j in range(self._m):
             self._dcur[j] = self._cur[self._dense[j]]
             self._total += self._dw[j]
-        if self._edf:
-            for j in range(self._m):
-                self._heap[j].u = 1
-                self._heap[j].w = <uint32_t>self._dw[j]
-                self._heap[j].j = <int32_t>j
-                self._heap[j].i = self._dense[j]
-            for h in range(self._m // 2 - 1, -1, -1):
-                _sift(self._heap, self._m, h)
-            self._cycle_left = self._total
+        if not self._edf:
+            return
+        for i in range(self._n):
+            if not (self._elig[i] and self._w[i] > 0):
+                self._ui[i] = 0
+        for j in range(self._m):
+            i = self._dense[j]
+            w = self._dw[j]
+            if self._ui[i] == 0 or self._uw[i] != w:
+                # The first odd u with u / 2w after t.
+                u = (2 * w * self._t_num) // self._t_den + 1
+                self._ui[i] = <uint32_t>(u if u % 2 else u + 1)
+                self._uw[i] = <uint32_t>w
+            self._heap[j].u = self._ui[i]
+            self._heap[j].w = <uint32_t>w
+            self._heap[j].i = <int32_t>i
+        for h in range(self._m // 2 - 1, -1, -1):
+            _sift(self._heap, self._m, h)
+        self._rebase_if_due()
+
+    cdef void _rebase_if_due(self) noexcept nogil:
+        """Once every deadline is at least 1, move them all back by 1."""
+        cdef Py_ssize_t h
+        if self._m > 0 and self._heap[0].u >= 2 * self._heap[0].w:
+            for h in range(self._m):
+                self._heap[h].u -= 2 * self._heap[h].w
+            self._t_num = self._t_num - self._t_den if self._t_num > self._t_den else 0
 
     cdef int _pick(self) noexcept nogil:
         cdef Py_ssize_t m = self._m, j, best
@@ -289,14 +318,11 @@ cdef class SmoothWeightedRoundRobin(_Kernel):
             return -1
         if self._edf:
             top = self._heap[0].i
+            self._t_num = self._heap[0].u
+            self._t_den = 2 * <int64_t>self._heap[0].w
             self._heap[0].u += 2
             _sift(self._heap, m, 0)
-            self._cycle_left -= 1
-            if self._cycle_left == 0:
-                # Every deadline has moved on by exactly 1: rebase, order unchanged.
-                for j in range(m):
-                    self._heap[j].u -= 2 * self._heap[j].w
-                self._cycle_left = self._total
+            self._rebase_if_due()
             return top
         cdef int64_t *cur = self._dcur
         cdef int64_t *dw = self._dw
@@ -360,8 +386,15 @@ cdef class RoundRobin(_Kernel):
         return _pick_many(self, count)
 
 
+cdef class _SeededKernel(_Kernel):
+    """A kernel that draws random numbers: seeded for reproducible picks, else from urandom."""
+
+    def seed(self, seed):
+        self._rng = _seed_value(seed)
+
+
 @cython.final
-cdef class Random(_Kernel):
+cdef class Random(_SeededKernel):
     """Uniform or weighted (alias method) random picks."""
 
     name = "random"
@@ -381,8 +414,6 @@ cdef class Random(_Kernel):
         self._rng = _seed_value(seed)
         self._rebuild()
 
-    def seed(self, seed):
-        self._rng = _seed_value(seed)
 
     cdef void _rebuild(self) noexcept:
         _Kernel._rebuild(self)
@@ -455,13 +486,14 @@ cdef class Random(_Kernel):
 
 
 @cython.final
-cdef class LeastRequest(_Kernel):
+cdef class LeastRequest(_SeededKernel):
     """Envoy's least_request: P2C on in-flight counts, or EDF on load-scaled weights."""
 
     name = "least_request"
 
     def __dealloc__(self):
         free(self._heap)
+        free(self._saved)
 
     def __init__(self, weights, *, double active_request_bias=1.0, seed=None):
         if not 0.0 <= active_request_bias <= MAX_ACTIVE_REQUEST_BIAS:
@@ -472,15 +504,15 @@ cdef class LeastRequest(_Kernel):
         ws = [_check_weight(w) for w in weights]
         self._alloc(len(ws))
         self._heap = <_Due *>_calloc(self._n, sizeof(_Due))
+        self._saved = <_Due *>_calloc(self._n, sizeof(_Due))
         cdef Py_ssize_t i
         for i in range(self._n):
             self._w[i] = ws[i]
+            self._saved[i].i = -1
         self._bias = active_request_bias
         self._rng = _seed_value(seed)
         self._rebuild()
 
-    def seed(self, seed):
-        self._rng = _seed_value(seed)
 
     cdef double _eff_weight(self, Py_ssize_t i) noexcept nogil:
         cdef double w = <double>self._w[i]
@@ -501,17 +533,24 @@ cdef class LeastRequest(_Kernel):
         return item
 
     cdef void _rebuild(self) noexcept:
+        cdef Py_ssize_t i, j
+        # Keep the entries of the backends that stay (see the twin for why).
+        for j in range(self._hsize):
+            self._saved[self._heap[j].i] = self._heap[j]
         _Kernel._rebuild(self)
-        cdef Py_ssize_t j
+        for i in range(self._n):
+            if not (self._elig[i] and self._w[i] > 0):
+                self._saved[i].i = -1
         self._equal = True
         for j in range(self._m):
             if self._dw[j] != self._dw[0]:
                 self._equal = False
-        self._now = 0.0
-        self._order = 0
+        self._hsize = 0
         if not self._equal:
             for j in range(self._m):
-                self._heap[j] = self._due(self._dense[j])
+                i = self._dense[j]
+                self._heap[j] = self._due(i) if self._saved[i].i < 0 else self._saved[i]
+            self._hsize = self._m
             for j in range(self._m // 2 - 1, -1, -1):
                 _sift(self._heap, self._m, j)
 
@@ -541,7 +580,7 @@ cdef class LeastRequest(_Kernel):
 
 
 @cython.final
-cdef class PeakEwma(_Kernel):
+cdef class PeakEwma(_SeededKernel):
     """Peak EWMA ("least response time"): lowest ewma × (in-flight + 1) / weight."""
 
     name = "ewma"
@@ -589,8 +628,6 @@ cdef class PeakEwma(_Kernel):
         for j in range(self._m):
             self._inrot[self._dense[j]] = 1
 
-    def seed(self, seed):
-        self._rng = _seed_value(seed)
 
     def set_weight(self, index, weight):
         _Kernel.set_weight(self, index, weight)

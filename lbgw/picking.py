@@ -186,6 +186,18 @@ class _Rng:
         return a, b + 1 if b >= a else b
 
 
+class _SeededKernel(_Kernel):
+    """A kernel that draws random numbers: seeded for reproducible picks, else from urandom."""
+
+    def __init__(self, weights: Sequence[int], seed: int | None) -> None:
+        super().__init__(weights)
+        self._rng = _Rng(0)
+        self.seed(seed)
+
+    def seed(self, seed: int | None) -> None:
+        self._rng = _Rng(_random_seed() if seed is None else seed)
+
+
 class SmoothWeightedRoundRobin(_Kernel):
     """nginx's smooth weighted round-robin (``ngx_http_upstream_get_peer``).
 
@@ -199,16 +211,23 @@ class SmoothWeightedRoundRobin(_Kernel):
     The scan is O(n). From ``edf_threshold`` backends on, the kernel uses an
     earliest-deadline-first heap instead (the scheduler behind Envoy's
     weighted round robin), in O(log n). Backend ``i``'s ``k``-th pick of a
-    cycle has the deadline ``(k - 1/2) / w_i``: the Sainte-Laguë (Webster)
-    divisors, which spread each backend's picks over the cycle, where
-    Envoy's ``k / w_i`` puts every backend's last pick at the same instant
-    and so bunches them at the cycle's end (``[5, 1, 1]`` gives
-    ``0, 0, 0, 1, 2, 0, 0`` here, ``0, 0, 0, 0, 0, 1, 2`` with ``k / w``).
-    Deadlines compare exactly, as integers, ties to the lower index. All
-    deadlines of a cycle lie in ``(0, 1)``, so a cycle of ``sum(weights)``
-    picks still gives each backend exactly its weight, as nginx's does; the
-    order within a cycle differs from nginx's. A change in rotation or weight
-    restarts the cycle.
+    cycle is due at ``(k - 1/2) / w_i``: the Sainte-Laguë (Webster) divisors,
+    which spread each backend's picks over the cycle, where Envoy's
+    ``k / w_i`` makes every backend's last pick due at the same instant and so
+    bunches them at the cycle's end (``[5, 1, 1]`` gives ``0, 0, 0, 1, 2, 0, 0``
+    here, ``0, 0, 0, 0, 0, 1, 2`` with ``k / w``). Deadlines compare exactly,
+    as integers, ties to the lower index. Every deadline of a cycle lies in
+    ``(0, 1)``, so a cycle of ``sum(weights)`` picks gives each backend
+    exactly its weight, as nginx's does; the order within a cycle differs.
+    When the earliest deadline reaches 1, every deadline moves back by 1,
+    which keeps their order.
+
+    A change in rotation or weight keeps the schedule going, as nginx keeps
+    its current weights: the backends it leaves alone keep their deadlines,
+    and a backend that joins, or whose weight changed, is next due at its
+    first deadline after the one last served. Restarting the cycle instead
+    would serve the same few backends first after every change, and a
+    backend flapping faster than a cycle would starve the rest.
     """
 
     name: ClassVar[str] = "swrr"
@@ -218,11 +237,15 @@ class SmoothWeightedRoundRobin(_Kernel):
         self._edf = self._n >= edf_threshold
         self._cur = [0] * self._n
         self._total = 0
-        # EDF state, by dense position: next deadline numerator 2k - 1 (the
-        # deadline is (2k - 1) / 2w) and the heap.
-        self._u: list[int] = []
+        # EDF state, by backend index: the next deadline's numerator u = 2k - 1
+        # (0 when not scheduled; the deadline is u / 2w) and the weight it was
+        # scheduled with. The heap holds the indices in rotation. The deadline
+        # last served, t = t_num / t_den, is the schedule's present.
+        self._u = [0] * self._n
+        self._uw = [0] * self._n
         self._heap: list[int] = []
-        self._cycle_left = 0
+        self._t_num = 0
+        self._t_den = 1
         self._rebuild()
 
     @property
@@ -232,20 +255,36 @@ class SmoothWeightedRoundRobin(_Kernel):
     def _rebuild(self) -> None:
         super()._rebuild()
         self._total = sum(self._w[i] for i in self._dense)
-        if self._edf:
-            m = len(self._dense)
-            self._u = [1] * m
-            self._heap = list(range(m))
-            for h in range(m // 2 - 1, -1, -1):
-                self._sift_down(h)
-            self._cycle_left = self._total
+        if not self._edf:
+            return
+        rotation = set(self._dense)
+        for i in range(self._n):
+            w = self._w[i]
+            if i not in rotation:
+                self._u[i] = 0
+            elif self._u[i] == 0 or self._uw[i] != w:
+                # The first odd u with u / 2w after t.
+                u = (2 * w * self._t_num) // self._t_den + 1
+                self._u[i] = u if u % 2 else u + 1
+                self._uw[i] = w
+        self._heap = list(self._dense)
+        for h in range(len(self._heap) // 2 - 1, -1, -1):
+            self._sift_down(h)
+        self._rebase_if_due()
+
+    def _rebase_if_due(self) -> None:
+        """Once every deadline is at least 1, move them all back by 1."""
+        if self._heap:
+            top = self._heap[0]
+            if self._u[top] >= 2 * self._w[top]:
+                for i in self._dense:
+                    self._u[i] -= 2 * self._w[i]
+                self._t_num = max(self._t_num - self._t_den, 0)
 
     def _before(self, a: int, b: int) -> bool:
-        """Whether dense position ``a``'s deadline comes before ``b``'s."""
-        wa = self._w[self._dense[a]]
-        wb = self._w[self._dense[b]]
-        lhs = self._u[a] * wb
-        rhs = self._u[b] * wa
+        """Whether backend ``a``'s next deadline comes before ``b``'s."""
+        lhs = self._u[a] * self._w[b]
+        rhs = self._u[b] * self._w[a]
         return lhs < rhs or (lhs == rhs and a < b)
 
     def _sift_down(self, h: int) -> None:
@@ -270,15 +309,12 @@ class SmoothWeightedRoundRobin(_Kernel):
             return -1
         if self._edf:
             top = self._heap[0]
+            self._t_num = self._u[top]
+            self._t_den = 2 * self._w[top]
             self._u[top] += 2
             self._sift_down(0)
-            self._cycle_left -= 1
-            if self._cycle_left == 0:
-                # Every deadline has moved on by exactly 1: rebase, order unchanged.
-                for j, i in enumerate(dense):
-                    self._u[j] -= 2 * self._w[i]
-                self._cycle_left = self._total
-            return dense[top]
+            self._rebase_if_due()
+            return top
         cur = self._cur
         w = self._w
         best = -1
@@ -329,7 +365,7 @@ class RoundRobin(_Kernel):
         return i
 
 
-class Random(_Kernel):
+class Random(_SeededKernel):
     """Random picks: uniform when all weights in rotation are equal, weighted otherwise.
 
     The weighted draw uses Walker's alias method, built with Vose's integer
@@ -340,16 +376,12 @@ class Random(_Kernel):
     name: ClassVar[str] = "random"
 
     def __init__(self, weights: Sequence[int], *, seed: int | None = None) -> None:
-        super().__init__(weights)
-        self._rng = _Rng(_random_seed() if seed is None else seed)
+        super().__init__(weights, seed)
         self._uniform = True
         self._total = 0
         self._prob: list[int] = []
         self._alias: list[int] = []
         self._rebuild()
-
-    def seed(self, seed: int | None) -> None:
-        self._rng = _Rng(_random_seed() if seed is None else seed)
 
     def _rebuild(self) -> None:
         super()._rebuild()
@@ -390,7 +422,7 @@ class Random(_Kernel):
         return dense[self._alias[col]]
 
 
-class LeastRequest(_Kernel):
+class LeastRequest(_SeededKernel):
     """Envoy's least_request: fewest in-flight calls wins.
 
     With equal weights in rotation: power of two choices, two distinct
@@ -399,6 +431,10 @@ class LeastRequest(_Kernel):
     earliest-deadline-first schedule whose weight is recomputed whenever a
     backend is (re)scheduled, ``weight / (in_flight + 1) ** active_request_bias``,
     with the bias in ``[0, MAX_ACTIVE_REQUEST_BIAS]`` (Envoy's default is 1).
+    As in SmoothWeightedRoundRobin, a change in rotation or weight keeps the
+    schedule: a backend that stays keeps its entry, one that joins is due
+    one interval after the present. (P2C draws two *distinct* backends, as
+    tower does; Envoy draws with replacement.)
     """
 
     name: ClassVar[str] = "least_request"
@@ -412,17 +448,17 @@ class LeastRequest(_Kernel):
                 f"active_request_bias must be in [0, {MAX_ACTIVE_REQUEST_BIAS}], "
                 f"got {active_request_bias!r}"
             )
-        super().__init__(weights)
+        super().__init__(weights, seed)
         self._bias = bias
-        self._rng = _Rng(_random_seed() if seed is None else seed)
         self._equal = True
+        # EDF: the deadline last served, a counter that breaks ties, the heap
+        # of (deadline, order, index) and, by index, each entry while the heap
+        # is rebuilt (None: not scheduled).
         self._now = 0.0
         self._order = 0
         self._heap: list[tuple[float, int, int]] = []
+        self._due: list[tuple[float, int] | None] = [None] * self._n
         self._rebuild()
-
-    def seed(self, seed: int | None) -> None:
-        self._rng = _Rng(_random_seed() if seed is None else seed)
 
     def _eff_weight(self, i: int) -> float:
         w = float(self._w[i])
@@ -433,19 +469,26 @@ class LeastRequest(_Kernel):
             return w
         return w / math.pow(active, self._bias)
 
-    def _schedule(self, i: int) -> None:
-        heapq.heappush(self._heap, (self._now + 1.0 / self._eff_weight(i), self._order, i))
+    def _entry(self, i: int) -> tuple[float, int, int]:
+        """Backend i's next entry: due one load-scaled interval from now."""
         self._order += 1
+        return (self._now + 1.0 / self._eff_weight(i), self._order - 1, i)
 
     def _rebuild(self) -> None:
+        for deadline, order, i in self._heap:
+            self._due[i] = (deadline, order)
         super()._rebuild()
+        rotation = set(self._dense)
+        for i in range(self._n):
+            if i not in rotation:
+                self._due[i] = None
         self._equal = len({self._w[i] for i in self._dense}) <= 1
-        self._now = 0.0
-        self._order = 0
         self._heap = []
         if not self._equal:
             for i in self._dense:
-                self._schedule(i)
+                due = self._due[i]
+                self._heap.append(self._entry(i) if due is None else (due[0], due[1], i))
+            heapq.heapify(self._heap)
 
     def pick(self) -> int:
         dense = self._dense
@@ -459,13 +502,13 @@ class LeastRequest(_Kernel):
             ia = dense[a]
             ib = dense[b]
             return ib if self._inflight[ib] < self._inflight[ia] else ia
-        deadline, _, i = heapq.heappop(self._heap)
-        self._now = deadline
-        self._schedule(i)
+        i = self._heap[0][2]
+        self._now = self._heap[0][0]
+        heapq.heapreplace(self._heap, self._entry(i))
         return i
 
 
-class PeakEwma(_Kernel):
+class PeakEwma(_SeededKernel):
     """Peak EWMA, the "least response time" strategy (Finagle, tower, Linkerd).
 
     Each backend keeps an estimate of its response time. ``observe`` decays it
@@ -507,10 +550,9 @@ class PeakEwma(_Kernel):
             raise ValueError(
                 f"default_rtt_s must be a positive number of seconds, got {default_rtt_s!r}"
             )
-        super().__init__([1] * n)
+        super().__init__([1] * n, seed)
         self._tau = float(decay_s) * 1e9
         self._default = float(default_rtt_s) * 1e9
-        self._rng = _Rng(_random_seed() if seed is None else seed)
         self._t0: int | None = None
         self._latest = 0  # latest observation, ns since t0
         self._ewma = [self._default] * n
@@ -526,9 +568,6 @@ class PeakEwma(_Kernel):
                 self._ewma[i] = self._default
                 self._last[i] = self._latest
                 self._rescore(i)
-
-    def seed(self, seed: int | None) -> None:
-        self._rng = _Rng(_random_seed() if seed is None else seed)
 
     def set_weight(self, i: int, /, weight: int) -> None:
         super().set_weight(i, weight)
