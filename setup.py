@@ -12,7 +12,6 @@ fallback at build time (``LBGW_NO_EXTENSIONS=1`` chooses it at run time).
 """
 
 import os
-import sys
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -25,12 +24,10 @@ def _flag(name: str) -> bool:
 debug = _flag("LBGW_CYTHON_DEBUG")
 annotate = _flag("LBGW_CYTHON_ANNOTATE")
 
-compile_args: list[str] = []
-if sys.platform != "win32":
-    compile_args += ["-O0", "-g"] if debug else ["-O3"]
-    # The kernels' floating point must match the Python twins bit for bit:
-    # no fused multiply-add contraction.
-    compile_args.append("-ffp-contract=off")
+# GCC or Clang (the kernels use unsigned __int128). The floating point must
+# match the Python twins bit for bit: no fused multiply-add contraction.
+compile_args = ["-O0", "-g"] if debug else ["-O3"]
+compile_args.append("-ffp-contract=off")
 
 directives = {"language_level": "3", "embedsignature": True}
 if debug:

@@ -64,6 +64,9 @@ cdef class Random(_SeededKernel):
     cdef int64_t _total
     cdef int64_t *_prob         # alias method: threshold, by column
     cdef int32_t *_alias        # alias method: the column's other dense position
+    cdef int64_t *_scaled       # alias method: scratch for the rebuild
+    cdef int32_t *_small
+    cdef int32_t *_large
 
     cdef int _pick(self) noexcept nogil
 

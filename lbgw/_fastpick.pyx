@@ -231,7 +231,14 @@ cdef class _Kernel:
         cdef Py_ssize_t i = self._index(index)
 
     def __repr__(self):
-        return f"<{type(self).__name__} {self.name} n={self._n} in-rotation={self._m}>"
+        cdef int64_t in_flight = 0
+        cdef Py_ssize_t i
+        for i in range(self._n):
+            in_flight += self._inflight[i]
+        return (
+            f"<{type(self).__name__} {self.name} n={self._n} in-rotation={self._m} "
+            f"in-flight={in_flight}>"
+        )
 
 
 @cython.final
@@ -402,12 +409,18 @@ cdef class Random(_SeededKernel):
     def __dealloc__(self):
         free(self._prob)
         free(self._alias)
+        free(self._scaled)
+        free(self._small)
+        free(self._large)
 
     def __init__(self, weights, *, seed=None):
         ws = [_check_weight(w) for w in weights]
         self._alloc(len(ws))
         self._prob = <int64_t *>_calloc(self._n, sizeof(int64_t))
         self._alias = <int32_t *>_calloc(self._n, sizeof(int32_t))
+        self._scaled = <int64_t *>_calloc(self._n, sizeof(int64_t))
+        self._small = <int32_t *>_calloc(self._n, sizeof(int32_t))
+        self._large = <int32_t *>_calloc(self._n, sizeof(int32_t))
         cdef Py_ssize_t i
         for i in range(self._n):
             self._w[i] = ws[i]
@@ -426,16 +439,9 @@ cdef class Random(_SeededKernel):
                 self._uniform = False
         self._total = total
         # Vose's alias method in integers: column capacity `total`, weights scaled by m.
-        cdef int64_t *scaled = <int64_t *>calloc(m if m > 0 else 1, sizeof(int64_t))
-        cdef int32_t *small = <int32_t *>calloc(m if m > 0 else 1, sizeof(int32_t))
-        cdef int32_t *large = <int32_t *>calloc(m if m > 0 else 1, sizeof(int32_t))
-        if scaled == NULL or small == NULL or large == NULL:
-            # Out of memory: fall back to uniform picks rather than fail a rebuild.
-            self._uniform = True
-            free(scaled)
-            free(small)
-            free(large)
-            return
+        cdef int64_t *scaled = self._scaled
+        cdef int32_t *small = self._small
+        cdef int32_t *large = self._large
         cdef Py_ssize_t ns = 0, nl = 0
         cdef int32_t s, g
         for j in range(m):
@@ -463,9 +469,6 @@ cdef class Random(_SeededKernel):
             else:
                 large[nl] = g
                 nl += 1
-        free(scaled)
-        free(small)
-        free(large)
 
     cdef int _pick(self) noexcept nogil:
         cdef Py_ssize_t m = self._m

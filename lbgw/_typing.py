@@ -9,11 +9,14 @@ modules conform (``tests/unit/kernel_support.py``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 
 class Kernel(Protocol):
-    """Picks a backend index; rotation, weights and load change without a rebuild."""
+    """Picks a backend index; rotation, weights and load change in place."""
+
+    #: The strategy's name in config and traces: ``swrr``, ``ewma``, ...
+    name: ClassVar[str]
 
     @property
     def n(self) -> int: ...

@@ -158,7 +158,10 @@ class _Kernel:
         return total
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name} n={self._n} in-rotation={len(self._dense)}>"
+        return (
+            f"<{type(self).__name__} {self.name} n={self._n} in-rotation={len(self._dense)} "
+            f"in-flight={sum(self._inflight)}>"
+        )
 
 
 class _Rng:
@@ -529,8 +532,10 @@ class PeakEwma(_SeededKernel):
     The estimates live in the log domain, ``log(ewma) + (last - t0) / tau``,
     where the decay to the present is the same ``-(now - t0) / tau`` for
     every backend and cancels out of the comparison: picks need no clock and
-    no ``exp``. ``t0`` is the first observation. Times are integer
-    nanoseconds from a monotonic clock.
+    no ``exp``. ``t0`` is the first observation. A tie in that comparison
+    goes to the lower index (and to the first draw in p2c); two costs equal
+    in exact arithmetic may differ there by a rounding, which can break the
+    tie either way. Times are integer nanoseconds from a monotonic clock.
     """
 
     name: ClassVar[str] = "ewma"

@@ -18,7 +18,7 @@ from lbgw import _fastpick, picking
 # Deterministic and bounded: the same examples on every run, no example
 # database, and few enough that the kernel suite stays in seconds on 2 cores.
 # HYPOTHESIS_PROFILE=dev selects a longer, randomized search for local digging.
-settings.register_profile("ci", deadline=None, max_examples=40, derandomize=True, database=None)
+settings.register_profile("ci", deadline=None, max_examples=100, derandomize=True, database=None)
 settings.register_profile("dev", deadline=None, max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 

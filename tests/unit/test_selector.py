@@ -12,8 +12,8 @@ import pytest
 
 import lbgw
 from lbgw import _fastpick, kernels, picking
+from tests.unit.kernel_support import CLASS_NAMES
 
-CLASS_NAMES = ["SmoothWeightedRoundRobin", "RoundRobin", "Random", "LeastRequest", "PeakEwma"]
 PROBE = (
     "import lbgw, lbgw.kernels as k; "
     "print(k.IMPLEMENTATION, lbgw.IMPLEMENTATION, "
