@@ -28,7 +28,7 @@ cdef class _Kernel:
     cdef int32_t *_dense        # indices in rotation, ascending, by dense position
     cdef int64_t *_dw           # weight, by dense position
 
-    cdef int _alloc(self, object count) except -1
+    cdef Py_ssize_t _alloc(self, object count) except -1
     cdef void _rebuild(self) noexcept
     cdef Py_ssize_t _index(self, object i) except -1
 

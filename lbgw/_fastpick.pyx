@@ -154,23 +154,28 @@ cdef class _Kernel:
         free(self._dense)
         free(self._dw)
 
-    cdef int _alloc(self, object count) except -1:
+    cdef Py_ssize_t _alloc(self, object count) except -1:
+        """Allocate the shared arrays for ``count`` backends; return the count.
+
+        The subclass allocates its own arrays next and only then sets ``_n``:
+        until every allocation has succeeded the kernel has no backends, so a
+        MemoryError half-way leaves an object that is empty, not one that
+        reads through a NULL pointer.
+        """
         if self._w != NULL:
             raise TypeError(f"{type(self).__name__} is already initialised")
         n = operator.index(count)
         if not 0 <= n <= MAX_BACKENDS:
             raise ValueError(f"n must be in [0, {MAX_BACKENDS}], got {n}")
-        self._n = n
-        self._m = 0
         self._w = <int64_t *>_calloc(n, sizeof(int64_t))
         self._elig = <uint8_t *>_calloc(n, sizeof(uint8_t))
         self._inflight = <int64_t *>_calloc(n, sizeof(int64_t))
         self._dense = <int32_t *>_calloc(n, sizeof(int32_t))
         self._dw = <int64_t *>_calloc(n, sizeof(int64_t))
         cdef Py_ssize_t i
-        for i in range(self._n):
+        for i in range(n):
             self._elig[i] = 1
-        return 0
+        return n
 
     cdef void _rebuild(self) noexcept:
         cdef Py_ssize_t i, m = 0
@@ -256,12 +261,13 @@ cdef class SmoothWeightedRoundRobin(_Kernel):
 
     def __init__(self, weights, *, Py_ssize_t edf_threshold=EDF_THRESHOLD):
         ws = [_check_weight(w) for w in weights]
-        self._alloc(len(ws))
-        self._cur = <int64_t *>_calloc(self._n, sizeof(int64_t))
-        self._dcur = <int64_t *>_calloc(self._n, sizeof(int64_t))
-        self._heap = <_Slot *>_calloc(self._n, sizeof(_Slot))
-        self._ui = <uint32_t *>_calloc(self._n, sizeof(uint32_t))
-        self._uw = <uint32_t *>_calloc(self._n, sizeof(uint32_t))
+        cdef Py_ssize_t size = self._alloc(len(ws))
+        self._cur = <int64_t *>_calloc(size, sizeof(int64_t))
+        self._dcur = <int64_t *>_calloc(size, sizeof(int64_t))
+        self._heap = <_Slot *>_calloc(size, sizeof(_Slot))
+        self._ui = <uint32_t *>_calloc(size, sizeof(uint32_t))
+        self._uw = <uint32_t *>_calloc(size, sizeof(uint32_t))
+        self._n = size
         self._t_num = 0
         self._t_den = 1
         cdef Py_ssize_t i
@@ -361,7 +367,8 @@ cdef class RoundRobin(_Kernel):
     def __init__(self, n):
         self._last = -1
         self._next = 0
-        self._alloc(n)
+        cdef Py_ssize_t size = self._alloc(n)
+        self._n = size
         cdef Py_ssize_t i
         for i in range(self._n):
             self._w[i] = 1
@@ -415,12 +422,13 @@ cdef class Random(_SeededKernel):
 
     def __init__(self, weights, *, seed=None):
         ws = [_check_weight(w) for w in weights]
-        self._alloc(len(ws))
-        self._prob = <int64_t *>_calloc(self._n, sizeof(int64_t))
-        self._alias = <int32_t *>_calloc(self._n, sizeof(int32_t))
-        self._scaled = <int64_t *>_calloc(self._n, sizeof(int64_t))
-        self._small = <int32_t *>_calloc(self._n, sizeof(int32_t))
-        self._large = <int32_t *>_calloc(self._n, sizeof(int32_t))
+        cdef Py_ssize_t size = self._alloc(len(ws))
+        self._prob = <int64_t *>_calloc(size, sizeof(int64_t))
+        self._alias = <int32_t *>_calloc(size, sizeof(int32_t))
+        self._scaled = <int64_t *>_calloc(size, sizeof(int64_t))
+        self._small = <int32_t *>_calloc(size, sizeof(int32_t))
+        self._large = <int32_t *>_calloc(size, sizeof(int32_t))
+        self._n = size
         cdef Py_ssize_t i
         for i in range(self._n):
             self._w[i] = ws[i]
@@ -505,9 +513,10 @@ cdef class LeastRequest(_SeededKernel):
                 f"got {active_request_bias!r}"
             )
         ws = [_check_weight(w) for w in weights]
-        self._alloc(len(ws))
-        self._heap = <_Due *>_calloc(self._n, sizeof(_Due))
-        self._saved = <_Due *>_calloc(self._n, sizeof(_Due))
+        cdef Py_ssize_t size = self._alloc(len(ws))
+        self._heap = <_Due *>_calloc(size, sizeof(_Due))
+        self._saved = <_Due *>_calloc(size, sizeof(_Due))
+        self._n = size
         cdef Py_ssize_t i
         for i in range(self._n):
             self._w[i] = ws[i]
@@ -601,11 +610,12 @@ cdef class PeakEwma(_SeededKernel):
             raise ValueError(
                 f"default_rtt_s must be a positive number of seconds, got {default_rtt_s!r}"
             )
-        self._alloc(n)
-        self._ewma = <double *>_calloc(self._n, sizeof(double))
-        self._last = <int64_t *>_calloc(self._n, sizeof(int64_t))
-        self._score = <double *>_calloc(self._n, sizeof(double))
-        self._inrot = <uint8_t *>_calloc(self._n, sizeof(uint8_t))
+        cdef Py_ssize_t size = self._alloc(n)
+        self._ewma = <double *>_calloc(size, sizeof(double))
+        self._last = <int64_t *>_calloc(size, sizeof(int64_t))
+        self._score = <double *>_calloc(size, sizeof(double))
+        self._inrot = <uint8_t *>_calloc(size, sizeof(uint8_t))
+        self._n = size
         self._tau = decay_s * 1e9
         self._default = default_rtt_s * 1e9
         self._rng = _seed_value(seed)
