@@ -40,7 +40,6 @@ cdef class SmoothWeightedRoundRobin(_Kernel):
     cdef int64_t _total
     cdef _Slot *_heap           # EDF: min-heap of every backend in rotation
     cdef uint32_t *_ui          # EDF: u of each backend's entry, by index (0: none), at rebuilds
-    cdef uint32_t *_uw          # EDF: the weight that entry was scheduled with
     cdef int64_t _t_num         # EDF: the deadline last served, t_num / t_den
     cdef int64_t _t_den
 

@@ -257,7 +257,6 @@ cdef class SmoothWeightedRoundRobin(_Kernel):
         free(self._dcur)
         free(self._heap)
         free(self._ui)
-        free(self._uw)
 
     def __init__(self, weights, *, Py_ssize_t edf_threshold=EDF_THRESHOLD):
         ws = [_check_weight(w) for w in weights]
@@ -266,7 +265,6 @@ cdef class SmoothWeightedRoundRobin(_Kernel):
         self._dcur = <int64_t *>_calloc(size, sizeof(int64_t))
         self._heap = <_Slot *>_calloc(size, sizeof(_Slot))
         self._ui = <uint32_t *>_calloc(size, sizeof(uint32_t))
-        self._uw = <uint32_t *>_calloc(size, sizeof(uint32_t))
         self._n = size
         self._t_num = 0
         self._t_den = 1
@@ -288,8 +286,11 @@ cdef class SmoothWeightedRoundRobin(_Kernel):
         for j in range(self._m):
             self._cur[self._dense[j]] = self._dcur[j]
         if self._edf:
+            # An entry scheduled with another weight than the backend's now is
+            # dropped, so the backend is rescheduled below.
             for h in range(self._m):
-                self._ui[self._heap[h].i] = self._heap[h].u
+                i = self._heap[h].i
+                self._ui[i] = self._heap[h].u if self._heap[h].w == self._w[i] else 0
         _Kernel._rebuild(self)
         self._total = 0
         for j in range(self._m):
@@ -303,11 +304,10 @@ cdef class SmoothWeightedRoundRobin(_Kernel):
         for j in range(self._m):
             i = self._dense[j]
             w = self._dw[j]
-            if self._ui[i] == 0 or self._uw[i] != w:
+            if self._ui[i] == 0:
                 # The first odd u with u / 2w after t.
                 u = (2 * w * self._t_num) // self._t_den + 1
                 self._ui[i] = <uint32_t>(u if u % 2 else u + 1)
-                self._uw[i] = <uint32_t>w
             self._heap[j].u = self._ui[i]
             self._heap[j].w = <uint32_t>w
             self._heap[j].i = <int32_t>i
