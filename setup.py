@@ -9,9 +9,15 @@ Build knobs, read here and nowhere else:
 
 A compiler failure fails the install: there is no silent pure-Python
 fallback at build time (``LBGW_NO_EXTENSIONS=1`` chooses it at run time).
+
+The build also generates Python code for the ``.proto`` files under
+``protos/lbgw/pb`` with grpcio-tools, into ``lbgw/pb/`` (messages, type stubs
+and gRPC stubs). Generated files are build outputs: never edited, never
+committed. A ``protoc`` error fails the install too.
 """
 
 import os
+from pathlib import Path
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -36,5 +42,28 @@ if debug:
 extensions = [
     Extension("lbgw._fastpick", ["lbgw/_fastpick.pyx"], extra_compile_args=compile_args),
 ]
+
+
+def generate_protos() -> None:
+    from grpc_tools import protoc  # a build requirement (pyproject.toml)
+
+    root = Path(__file__).resolve().parent
+    protos = root / "protos"
+    sources = sorted(str(p.relative_to(protos)) for p in (protos / "lbgw" / "pb").rglob("*.proto"))
+    include = Path(protoc.__file__).parent / "_proto"  # well-known types
+    args = [
+        "grpc_tools.protoc",
+        f"-I{protos}",
+        f"-I{include}",
+        f"--python_out={root}",
+        f"--pyi_out={root}",
+        f"--grpc_python_out={root}",
+        *sources,
+    ]
+    if protoc.main(args) != 0:
+        raise SystemExit(f"protoc failed on {', '.join(sources)}")
+
+
+generate_protos()
 
 setup(ext_modules=cythonize(extensions, annotate=annotate, compiler_directives=directives))
