@@ -1,0 +1,93 @@
+"""The balancer of one cluster: a picking kernel over its endpoints. Sync, no I/O.
+
+``pick()`` returns an endpoint index or raises ``NoEligibleEndpointError``;
+``started``/``done`` bracket every call so the kernels see in-flight counts
+and, for ``ewma``, latencies. Rotation changes (health, in later modules)
+reach the kernel through ``set_eligible``; the hot path never checks health.
+
+Strategies map onto the kernels of ``lbgw.kernels``:
+
+* ``swrr``: ``SmoothWeightedRoundRobin``, nginx's smooth weighted round robin.
+* ``round_robin``: ``RoundRobin``; weights are ignored (nginx/Envoy users
+  who want them use ``swrr``).
+* ``random``: ``Random``, uniform, or weighted when weights differ.
+* ``least_request``: ``LeastRequest``, Envoy's P2C / weighted least request.
+* ``ewma``: ``PeakEwma``; ``choice = "p2c"`` (default) compares two random
+  candidates, as tower and Linkerd do, so that a burst of calls does not all
+  land on the one backend that looked best; ``"best"`` takes the argmin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from lbgw._typing import Kernel
+from lbgw.config import ClusterConfig
+from lbgw.exceptions import NoEligibleEndpointError
+from lbgw.kernels import LeastRequest, PeakEwma, Random, RoundRobin, SmoothWeightedRoundRobin
+
+__all__ = ["Balancer", "make_kernel"]
+
+
+def make_kernel(cluster: ClusterConfig) -> tuple[Kernel, Callable[[], int]]:
+    """The kernel for ``cluster`` and the bound pick function to call."""
+    weights = [e.weight for e in cluster.endpoints]
+    params = cluster.params
+    kernel: Kernel
+    if cluster.strategy == "swrr":
+        kernel = SmoothWeightedRoundRobin(weights)
+    elif cluster.strategy == "round_robin":
+        kernel = RoundRobin(len(weights))
+    elif cluster.strategy == "random":
+        kernel = Random(weights, seed=params.seed)
+    elif cluster.strategy == "least_request":
+        kernel = LeastRequest(
+            weights, active_request_bias=params.active_request_bias, seed=params.seed
+        )
+    elif cluster.strategy == "ewma":
+        ewma = PeakEwma(len(weights), params.decay, params.default_rtt, seed=params.seed)
+        for i, w in enumerate(weights):
+            ewma.set_weight(i, w)
+        return ewma, ewma.pick_p2c if params.choice == "p2c" else ewma.pick
+    else:  # config.py admits only the names above
+        raise ValueError(f"unknown strategy {cluster.strategy!r}")
+    return kernel, kernel.pick
+
+
+class Balancer:
+    """Picks among one cluster's endpoints and keeps the kernel's load figures."""
+
+    __slots__ = ("_pick", "addresses", "kernel", "name", "strategy")
+
+    def __init__(self, cluster: ClusterConfig) -> None:
+        self.name = cluster.name
+        self.strategy = cluster.strategy
+        self.addresses = tuple(e.address for e in cluster.endpoints)
+        self.kernel, self._pick = make_kernel(cluster)
+
+    def __repr__(self) -> str:
+        k = self.kernel
+        eligible = sum(k.is_eligible(i) for i in range(k.n))
+        in_flight = sum(k.in_flight(i) for i in range(k.n))
+        return (
+            f"<Balancer {self.name} {self.strategy} "
+            f"[{eligible} eligible, {k.n - eligible} out | in-flight {in_flight}]>"
+        )
+
+    def pick(self) -> int:
+        """The index of the endpoint for the next call; counts it as started."""
+        i = self._pick()
+        if i < 0:
+            raise NoEligibleEndpointError(self.name)
+        self.kernel.started(i)
+        return i
+
+    def done(self, i: int, started_ns: int, latency_ns: int | None) -> None:
+        """End the call on ``i``; ``latency_ns`` feeds the latency estimate if given."""
+        kernel = self.kernel
+        kernel.finished(i)
+        if latency_ns is not None:
+            kernel.observe(i, latency_ns, started_ns + latency_ns)
+
+    def set_eligible(self, i: int, eligible: bool) -> None:
+        self.kernel.set_eligible(i, eligible)

@@ -1,0 +1,472 @@
+"""The gateway's configuration: read once from TOML, validated into frozen dataclasses.
+
+Only this module and ``cli.py`` read files. Every check happens here, at load
+time; a bad value raises ``ConfigError`` naming the file, the dotted key and
+what was expected, so the rest of lbgw can trust what it is given. See the
+README for a complete commented example.
+
+Layout::
+
+    [server]      grace_period, workers
+    [[listeners]] address
+    [limits]      max_receive_message_bytes, max_send_message_bytes, max_concurrent_streams
+    [log]         level, format
+    [clusters.NAME]  endpoints, strategy, params, channel_options, methods, reflection
+    [[routes]]    one of method / service / package / default, and cluster
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from lbgw.exceptions import ConfigError
+from lbgw.kernels import MAX_ACTIVE_REQUEST_BIAS, MAX_BACKENDS, MAX_WEIGHT
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "STRATEGIES",
+    "ClusterConfig",
+    "Config",
+    "EndpointConfig",
+    "Limits",
+    "ListenerConfig",
+    "LogConfig",
+    "MethodKind",
+    "RouteConfig",
+    "StrategyParams",
+    "config_from_mapping",
+    "load_config",
+    "parse_address",
+]
+
+#: gRPC's own default for received messages, used both ways.
+DEFAULT_MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
+#: The largest message size gRPC can carry (a signed 32-bit length).
+MAX_MESSAGE_BYTES: Final = 2**31 - 1
+STRATEGIES: Final = ("swrr", "ewma", "round_robin", "random", "least_request")
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+LOG_FORMATS: Final = ("json", "text")
+
+
+class MethodKind(enum.Enum):
+    """A method's cardinality; it chooses the handler form lbgw forwards with."""
+
+    UNARY = "unary"
+    SERVER_STREAMING = "server_streaming"
+    CLIENT_STREAMING = "client_streaming"
+    BIDI_STREAMING = "bidi_streaming"
+
+    @classmethod
+    def of(cls, client_streaming: bool, server_streaming: bool) -> MethodKind:
+        if client_streaming:
+            return cls.BIDI_STREAMING if server_streaming else cls.CLIENT_STREAMING
+        return cls.SERVER_STREAMING if server_streaming else cls.UNARY
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointConfig:
+    address: str
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class StrategyParams:
+    """Strategy parameters; each applies to the strategies named beside it."""
+
+    decay: float = 10.0  # ewma: the EWMA time constant, seconds
+    default_rtt: float = 0.03  # ewma: a new endpoint's estimate, seconds
+    choice: str = "p2c"  # ewma: "p2c" (two random candidates) or "best" (all)
+    active_request_bias: float = 1.0  # least_request
+    seed: int | None = None  # random, least_request, ewma: a fixed seed for reproducible picks
+
+
+_PARAMS_FOR: Final[Mapping[str, frozenset[str]]] = {
+    "swrr": frozenset(),
+    "round_robin": frozenset(),
+    "random": frozenset({"seed"}),
+    "least_request": frozenset({"active_request_bias", "seed"}),
+    "ewma": frozenset({"decay", "default_rtt", "choice", "seed"}),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    name: str
+    endpoints: tuple[EndpointConfig, ...]
+    strategy: str = "swrr"
+    params: StrategyParams = field(default_factory=StrategyParams)
+    channel_options: tuple[tuple[str, int | str], ...] = ()
+    #: Full method name -> kind, for the handler form (unknown: stream_stream).
+    methods: tuple[tuple[str, MethodKind], ...] = ()
+    #: Ask the endpoints' server reflection service for method kinds at start-up.
+    reflection: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """Sends methods to a cluster.
+
+    ``match`` is ``method``, ``service``, ``package`` or ``default``.
+    """
+
+    match: str
+    value: str
+    cluster: str
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_receive_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_send_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_concurrent_streams: int | None = None  # per client connection; None: gRPC's default
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listeners: tuple[ListenerConfig, ...]
+    clusters: tuple[ClusterConfig, ...]
+    routes: tuple[RouteConfig, ...]
+    limits: Limits = field(default_factory=Limits)
+    log: LogConfig = field(default_factory=LogConfig)
+    grace_period: float = 10.0  # seconds that in-flight calls get on SIGTERM
+    workers: int = 1
+    source: str = "<config>"
+
+    def cluster(self, name: str) -> ClusterConfig:
+        for cluster in self.clusters:
+            if cluster.name == name:
+                return cluster
+        raise KeyError(name)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML config file."""
+    source = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(source, "(file)", f"a readable TOML file ({exc.strerror})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "(file)", f"valid TOML ({exc})") from exc
+    return config_from_mapping(data, source)
+
+
+def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
+    """Validate a mapping shaped like the TOML file (as ``tomllib`` returns it)."""
+    return _Reader(source).config(data)
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port); raises ValueError."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(text)
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(text)
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError(text)
+        ipaddress.IPv6Address(host[1:-1])
+    elif ":" in host or any(c.isspace() or c in "/[]" for c in host):
+        raise ValueError(text)
+    return host, port
+
+
+class _Reader:
+    """Walks the mapping with the dotted key of each value at hand, for errors."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, expected: str, got: object = None) -> ConfigError:
+        return ConfigError(self.source, key, expected, got)
+
+    def table(self, value: object, key: str, allowed: frozenset[str]) -> Mapping[str, Any]:
+        if not isinstance(value, Mapping):
+            raise self.fail(key, "a table", value)
+        for name in value:
+            if name not in allowed:
+                where = f"{key}.{name}" if key else name
+                raise self.fail(where, f"one of the keys {', '.join(sorted(allowed))}")
+        return value
+
+    def integer(self, value: object, key: str, low: int, high: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.fail(key, f"an integer from {low} to {high}", value)
+        return value
+
+    def number(self, value: object, key: str, *, positive: bool, high: float = math.inf) -> float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if ok:
+            number = float(value)  # type: ignore[arg-type]
+            ok = (number > 0 if positive else number >= 0) and number <= high
+            ok = ok and math.isfinite(number)
+        if not ok:
+            bound = "a positive number" if positive else "a number >= 0"
+            if high != math.inf:
+                bound += f" up to {high}"
+            raise self.fail(key, bound, value)
+        return number
+
+    def string(self, value: object, key: str, choices: tuple[str, ...] = ()) -> str:
+        if not isinstance(value, str) or (choices and value not in choices):
+            expected = f"one of {', '.join(map(repr, choices))}" if choices else "a string"
+            raise self.fail(key, expected, value)
+        return value
+
+    def boolean(self, value: object, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(key, "true or false", value)
+        return value
+
+    def address(self, value: object, key: str, *, allow_port_0: bool) -> str:
+        text = self.string(value, key)
+        try:
+            _, port = parse_address(text)
+        except ValueError:
+            raise self.fail(key, "an address host:port (IPv6 as [addr]:port)", value) from None
+        if port == 0 and not allow_port_0:
+            raise self.fail(key, "a port from 1 to 65535", value)
+        return text
+
+    def config(self, data: Mapping[str, Any]) -> Config:
+        top = self.table(
+            data, "", frozenset({"server", "listeners", "limits", "log", "clusters", "routes"})
+        )
+        server = self.table(top.get("server", {}), "server", frozenset({"grace_period", "workers"}))
+        grace = self.number(server.get("grace_period", 10.0), "server.grace_period", positive=False)
+        workers = self.integer(server.get("workers", 1), "server.workers", 1, 256)
+
+        listeners_data = top.get("listeners")
+        if not isinstance(listeners_data, list) or not listeners_data:
+            raise self.fail("listeners", "a non-empty array of tables [[listeners]]")
+        listeners = []
+        for n, item in enumerate(listeners_data):
+            key = f"listeners[{n}]"
+            entry = self.table(item, key, frozenset({"address"}))
+            if "address" not in entry:
+                raise self.fail(f"{key}.address", "an address host:port")
+            address = self.address(entry["address"], f"{key}.address", allow_port_0=True)
+            listeners.append(ListenerConfig(address))
+
+        limits = self.limits(top.get("limits", {}))
+        log = self.table(top.get("log", {}), "log", frozenset({"level", "format"}))
+        log_config = LogConfig(
+            level=self.string(log.get("level", "info"), "log.level", LOG_LEVELS),
+            format=self.string(log.get("format", "json"), "log.format", LOG_FORMATS),
+        )
+
+        clusters_data = top.get("clusters")
+        if not isinstance(clusters_data, Mapping) or not clusters_data:
+            raise self.fail("clusters", "at least one table [clusters.NAME]")
+        clusters = tuple(self.cluster(name, value) for name, value in clusters_data.items())
+        names = {c.name for c in clusters}
+
+        routes = self.routes(top.get("routes"), names)
+        return Config(
+            listeners=tuple(listeners),
+            clusters=clusters,
+            routes=routes,
+            limits=limits,
+            log=log_config,
+            grace_period=grace,
+            workers=workers,
+            source=self.source,
+        )
+
+    def limits(self, value: object) -> Limits:
+        keys = frozenset(
+            {"max_receive_message_bytes", "max_send_message_bytes", "max_concurrent_streams"}
+        )
+        table = self.table(value, "limits", keys)
+        streams = table.get("max_concurrent_streams")
+        return Limits(
+            max_receive_message_bytes=self.integer(
+                table.get("max_receive_message_bytes", DEFAULT_MAX_MESSAGE_BYTES),
+                "limits.max_receive_message_bytes",
+                1,
+                MAX_MESSAGE_BYTES,
+            ),
+            max_send_message_bytes=self.integer(
+                table.get("max_send_message_bytes", DEFAULT_MAX_MESSAGE_BYTES),
+                "limits.max_send_message_bytes",
+                1,
+                MAX_MESSAGE_BYTES,
+            ),
+            max_concurrent_streams=None
+            if streams is None
+            else self.integer(streams, "limits.max_concurrent_streams", 1, 2**31 - 1),
+        )
+
+    def cluster(self, name: str, value: object) -> ClusterConfig:
+        key = f"clusters.{name}"
+        if not name or not all(c.isalnum() or c in "-_." for c in name):
+            raise self.fail(key, "a cluster name of letters, digits, '-', '_' and '.'")
+        keys = frozenset(
+            {"endpoints", "strategy", "params", "channel_options", "methods", "reflection"}
+        )
+        table = self.table(value, key, keys)
+        strategy = self.string(table.get("strategy", "swrr"), f"{key}.strategy", STRATEGIES)
+
+        endpoints_data = table.get("endpoints")
+        if not isinstance(endpoints_data, list) or not endpoints_data:
+            raise self.fail(f"{key}.endpoints", "a non-empty array of endpoints", endpoints_data)
+        if len(endpoints_data) > MAX_BACKENDS:
+            raise self.fail(f"{key}.endpoints", f"at most {MAX_BACKENDS} endpoints")
+        endpoints = []
+        seen: set[str] = set()
+        for n, item in enumerate(endpoints_data):
+            ekey = f"{key}.endpoints[{n}]"
+            endpoint = self.endpoint(item, ekey)
+            if endpoint.address in seen:
+                raise self.fail(ekey, "each address once in a cluster", endpoint.address)
+            seen.add(endpoint.address)
+            endpoints.append(endpoint)
+
+        params = self.params(table.get("params", {}), f"{key}.params", strategy)
+
+        options_data = table.get("channel_options", {})
+        if not isinstance(options_data, Mapping):
+            raise self.fail(f"{key}.channel_options", "a table of gRPC channel arguments")
+        options: list[tuple[str, int | str]] = []
+        for opt, val in options_data.items():
+            okey = f"{key}.channel_options.{opt!r}"
+            if not opt.startswith("grpc."):
+                raise self.fail(
+                    okey, "a gRPC channel argument name, such as grpc.keepalive_time_ms"
+                )
+            if isinstance(val, bool) or not isinstance(val, int | str):
+                raise self.fail(okey, "an integer or a string", val)
+            options.append((opt, val))
+
+        methods_data = table.get("methods", {})
+        if not isinstance(methods_data, Mapping):
+            raise self.fail(f"{key}.methods", "a table of full method name = kind")
+        kinds = tuple(k.value for k in MethodKind)
+        methods = []
+        for method, kind in methods_data.items():
+            mkey = f"{key}.methods.{method!r}"
+            if not _is_method(method):
+                raise self.fail(mkey, "a full method name /package.Service/Method")
+            methods.append((method, MethodKind(self.string(kind, mkey, kinds))))
+
+        reflection = self.boolean(table.get("reflection", False), f"{key}.reflection")
+        return ClusterConfig(
+            name=name,
+            endpoints=tuple(endpoints),
+            strategy=strategy,
+            params=params,
+            channel_options=tuple(options),
+            methods=tuple(methods),
+            reflection=reflection,
+        )
+
+    def endpoint(self, value: object, key: str) -> EndpointConfig:
+        if isinstance(value, str):
+            return EndpointConfig(self.address(value, key, allow_port_0=False))
+        table = self.table(value, key, frozenset({"address", "weight"}))
+        if "address" not in table:
+            raise self.fail(f"{key}.address", "an address host:port")
+        return EndpointConfig(
+            address=self.address(table["address"], f"{key}.address", allow_port_0=False),
+            weight=self.integer(table.get("weight", 1), f"{key}.weight", 1, MAX_WEIGHT),
+        )
+
+    def params(self, value: object, key: str, strategy: str) -> StrategyParams:
+        allowed = _PARAMS_FOR[strategy]
+        if isinstance(value, Mapping):
+            for name in value:
+                if name not in allowed:
+                    takes = ", ".join(sorted(allowed)) if allowed else "no parameters"
+                    raise self.fail(f"{key}.{name}", f"a parameter of {strategy!r} ({takes})")
+        table = self.table(value, key, allowed)
+        defaults = StrategyParams()
+        seed = table.get("seed")
+        return StrategyParams(
+            decay=self.number(table.get("decay", defaults.decay), f"{key}.decay", positive=True),
+            default_rtt=self.number(
+                table.get("default_rtt", defaults.default_rtt), f"{key}.default_rtt", positive=True
+            ),
+            choice=self.string(
+                table.get("choice", defaults.choice), f"{key}.choice", ("p2c", "best")
+            ),
+            active_request_bias=self.number(
+                table.get("active_request_bias", defaults.active_request_bias),
+                f"{key}.active_request_bias",
+                positive=False,
+                high=MAX_ACTIVE_REQUEST_BIAS,
+            ),
+            seed=None if seed is None else self.integer(seed, f"{key}.seed", 0, 2**64 - 1),
+        )
+
+    def routes(self, value: object, clusters: set[str]) -> tuple[RouteConfig, ...]:
+        if value is None:
+            if len(clusters) == 1:  # one cluster and no routes: it takes every call
+                return (RouteConfig("default", "", next(iter(clusters))),)
+            raise self.fail("routes", "an array of tables [[routes]] when there are two clusters")
+        if not isinstance(value, list):
+            raise self.fail("routes", "an array of tables [[routes]]", value)
+        routes = []
+        seen: set[tuple[str, str]] = set()
+        for n, item in enumerate(value):
+            key = f"routes[{n}]"
+            table = self.table(
+                item, key, frozenset({"method", "service", "package", "default", "cluster"})
+            )
+            matches = [m for m in ("method", "service", "package", "default") if m in table]
+            if len(matches) != 1:
+                raise self.fail(key, "exactly one of method, service, package or default = true")
+            match = matches[0]
+            if match == "default":
+                if table["default"] is not True:
+                    raise self.fail(f"{key}.default", "true", table["default"])
+                text = ""
+            else:
+                text = self.string(table[match], f"{key}.{match}")
+                if match == "method" and not _is_method(text):
+                    raise self.fail(f"{key}.method", "a full method name /package.Service/Method")
+                if match in ("service", "package") and not _is_dotted(text):
+                    raise self.fail(f"{key}.{match}", "a dotted name such as pkg.v1.Service", text)
+            if "cluster" not in table:
+                raise self.fail(f"{key}.cluster", "the name of a cluster")
+            cluster = self.string(table["cluster"], f"{key}.cluster")
+            if cluster not in clusters:
+                raise self.fail(
+                    f"{key}.cluster", f"one of the clusters {', '.join(sorted(clusters))}", cluster
+                )
+            if (match, text) in seen:
+                raise self.fail(key, f"each {match} routed once", text or True)
+            seen.add((match, text))
+            routes.append(RouteConfig(match, text, cluster))
+        return tuple(routes)
+
+
+def _is_dotted(text: str) -> bool:
+    return bool(text) and all(part and part.replace("_", "a").isalnum() for part in text.split("."))
+
+
+def _is_method(text: str) -> bool:
+    if not text.startswith("/") or text.count("/") != 2:
+        return False
+    service, method = text[1:].split("/")
+    return _is_dotted(service) and bool(method) and method.replace("_", "a").isalnum()

@@ -1,0 +1,77 @@
+"""lbgw's exceptions: one shallow tree, grouped by where the error comes from.
+
+``ConfigError`` is raised while a config is loaded, before anything runs.
+``GatewayError`` and its subclasses are the answers lbgw itself gives a call;
+each carries the ``grpc.StatusCode`` it becomes on the wire. A status that a
+backend returns is never one of these: it passes through unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import grpc
+
+__all__ = [
+    "ConfigError",
+    "EndpointUnreachableError",
+    "GatewayError",
+    "LbgwError",
+    "NoEligibleEndpointError",
+    "NoRouteError",
+]
+
+
+class LbgwError(Exception):
+    """Base of every error lbgw raises."""
+
+
+class ConfigError(LbgwError, ValueError):
+    """A config that cannot be used: names the file, the key and what was expected."""
+
+    def __init__(self, source: str, key: str, expected: str, got: object = None) -> None:
+        self.source = source
+        self.key = key
+        self.expected = expected
+        message = f"{source}: {key}: expected {expected}"
+        if got is not None:
+            message += f", got {got!r}"
+        super().__init__(message)
+
+
+class GatewayError(LbgwError):
+    """An answer lbgw gives a call itself, as ``code`` with this message."""
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+
+
+class NoRouteError(GatewayError):
+    """No route matches the call's method."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+    def __init__(self, method: str) -> None:
+        super().__init__(f"lbgw: no route for method {method}")
+
+
+class NoEligibleEndpointError(GatewayError):
+    """Every endpoint of the cluster is out of rotation."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, cluster: str) -> None:
+        self.cluster = cluster
+        super().__init__(f"lbgw: cluster {cluster!r} has no eligible endpoint")
+
+
+class EndpointUnreachableError(GatewayError):
+    """lbgw could not reach the endpoint it picked."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, cluster: str, address: str, details: str) -> None:
+        self.cluster = cluster
+        self.address = address
+        super().__init__(
+            f"lbgw: endpoint {address} of cluster {cluster!r} is unreachable: {details}"
+        )

@@ -1,0 +1,288 @@
+"""The forwarding path: one ``grpc.GenericRpcHandler`` that passes raw bytes through.
+
+For each method, ``Proxy.service`` builds a handler once and caches it:
+
+* the route gives the cluster (``routing.Router``); no route: the call gets
+  ``UNIMPLEMENTED`` naming the method;
+* the method's kind (from config or server reflection) gives the handler
+  form. Unary methods take gRPC's ``unary_unary`` fast path; a method of
+  unknown kind is forwarded as ``stream_stream``, which is correct for every
+  kind (1.6x the CPU of the fast path for a unary call);
+* no request deserializer and no response serializer: bytes in, bytes out.
+
+A forwarded call picks an endpoint (``Balancer.pick``), calls it over the
+endpoint's channel with the client's metadata (minus hop-by-hop and reserved
+keys; ``-bin`` values stay bytes) and remaining deadline, and relays what
+comes back: initial metadata, messages, trailing metadata, status code and
+details. A client's cancel cancels the backend call. ``Balancer.done`` runs in
+a ``finally``, so in-flight counts never leak. Streams keep gRPC's flow
+control: each message is read from one side only after the previous one was
+written to the other, so a slow reader slows the sender instead of growing
+a buffer in lbgw.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
+
+import grpc
+from grpc import aio
+
+from lbgw.backends import Backend
+from lbgw.balancer import Balancer
+from lbgw.config import MethodKind
+from lbgw.exceptions import (
+    EndpointUnreachableError,
+    GatewayError,
+    NoEligibleEndpointError,
+    NoRouteError,
+)
+from lbgw.routing import Router
+
+__all__ = ["Cluster", "Proxy", "forwarded_metadata"]
+
+#: Request metadata that belongs to one hop (HTTP/1 connection headers, which
+#: HTTP/2 forbids anyway, and transport headers that gRPC sets itself).
+#: ``user-agent`` is here because gRPC replaces it with its own on every call.
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+        "te",
+        "host",
+        "content-type",
+        "content-length",
+        "accept-encoding",
+        "user-agent",
+    }
+)
+#: Prefixes reserved to gRPC and HTTP/2: gRPC sets these per hop itself.
+RESERVED_PREFIXES: Final = ("grpc-", ":")
+
+# Handlers are cached per method. A client can name any method, so the cache
+# is bounded: past this many methods, a handler is built for each call.
+_MAX_CACHED_HANDLERS: Final = 4096
+
+_Metadata: TypeAlias = Iterable[tuple[str, str | bytes]]
+if TYPE_CHECKING:
+    _Context: TypeAlias = aio.ServicerContext[Any, Any]
+    _Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
+
+
+def forwarded_metadata(metadata: _Metadata | None) -> tuple[tuple[str, str | bytes], ...] | None:
+    """The client's metadata as sent on to the backend, or None if nothing is left."""
+    if not metadata:
+        return None
+    kept = tuple(
+        m for m in metadata if m[0] not in HOP_BY_HOP and not m[0].startswith(RESERVED_PREFIXES)
+    )
+    return kept or None
+
+
+class Cluster:
+    """A cluster at run time: its balancer, its backends and the method kinds it knows."""
+
+    __slots__ = ("backends", "balancer", "kinds", "name")
+
+    def __init__(
+        self, balancer: Balancer, backends: Sequence[Backend], kinds: dict[str, MethodKind]
+    ) -> None:
+        self.name = balancer.name
+        self.balancer = balancer
+        self.backends = tuple(backends)
+        self.kinds = kinds
+
+    def __repr__(self) -> str:
+        return f"<Cluster {self.name} {self.balancer!r} methods={len(self.kinds)}>"
+
+
+class Proxy(grpc.GenericRpcHandler):
+    """Routes every method to a cluster and forwards it as raw bytes."""
+
+    def __init__(self, router: Router[Cluster]) -> None:
+        self._router = router
+        self._handlers: dict[str, _Handler] = {}
+
+    def __repr__(self) -> str:
+        return f"<Proxy methods={len(self._handlers)}>"
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> _Handler | None:
+        method: str = handler_call_details.method
+        handler = self._handlers.get(method)
+        if handler is None:
+            handler = self.handler(method)
+            if len(self._handlers) < _MAX_CACHED_HANDLERS:
+                self._handlers[method] = handler
+        return handler
+
+    def handler(self, method: str) -> _Handler:
+        """Build the handler for ``method``: its route, its kind, its multicallables."""
+        cluster = self._router.match(method)
+        if cluster is None:
+            return grpc.stream_stream_rpc_method_handler(_reject(NoRouteError(method)))
+        kind = cluster.kinds.get(method)
+        channels = [b.channel for b in cluster.backends]
+        if kind is MethodKind.UNARY:
+            return grpc.unary_unary_rpc_method_handler(
+                _unary_response(cluster, [c.unary_unary(method) for c in channels])
+            )
+        if kind is MethodKind.CLIENT_STREAMING:
+            return grpc.stream_unary_rpc_method_handler(
+                _unary_response(cluster, [c.stream_unary(method) for c in channels])
+            )
+        if kind is MethodKind.SERVER_STREAMING:
+            return grpc.unary_stream_rpc_method_handler(
+                _stream_response(cluster, [c.unary_stream(method) for c in channels])
+            )
+        # Bidi, or a kind lbgw does not know: stream_stream forwards any kind.
+        return grpc.stream_stream_rpc_method_handler(
+            _stream_response(cluster, [c.stream_stream(method) for c in channels])
+        )
+
+
+def _reject(error: GatewayError) -> Callable[[Any, _Context], Awaitable[None]]:
+    code, message = error.code, str(error)
+
+    async def reject(request: Any, context: _Context) -> None:
+        await context.abort(code, message)
+
+    return reject
+
+
+async def _relay_error(
+    context: _Context,
+    error: aio.AioRpcError,
+    cluster: Cluster,
+    backend: Backend,
+    *,
+    initial_sent: bool,
+) -> None:
+    """End the client's call with the backend's status, details and metadata."""
+    code = error.code()
+    details = error.details()
+    initial = error.initial_metadata()
+    if code is grpc.StatusCode.UNAVAILABLE and not initial and backend.unreachable():
+        # No response ever came: lbgw could not reach the endpoint, so lbgw says which.
+        details = str(
+            EndpointUnreachableError(cluster.name, backend.address, details or "no details")
+        )
+    if initial and not initial_sent:
+        await context.send_initial_metadata(initial)
+    trailing = error.trailing_metadata()
+    if trailing:
+        context.set_trailing_metadata(trailing)
+    context.set_code(code)
+    if details:
+        context.set_details(details)
+
+
+def _observed(error: aio.AioRpcError, backend: Backend) -> bool:
+    """Whether a failed call's duration says something about the backend's speed."""
+    code = error.code()
+    if code is grpc.StatusCode.CANCELLED:
+        return False
+    return code is not grpc.StatusCode.UNAVAILABLE or not backend.unreachable()
+
+
+def _unary_response(
+    cluster: Cluster, calls: Sequence[Any]
+) -> Callable[[Any, _Context], Awaitable[bytes | None]]:
+    """The forwarder for unary and client-streaming methods (one response)."""
+    balancer = cluster.balancer
+    pick, done = balancer.pick, balancer.done
+    backends = cluster.backends
+    clock = time.monotonic_ns
+
+    async def forward(request: Any, context: _Context) -> bytes | None:
+        try:
+            i = pick()
+        except NoEligibleEndpointError as exc:
+            await context.abort(exc.code, str(exc))
+        start = clock()
+        latency: int | None = None
+        call = None
+        try:
+            call = calls[i](
+                request,
+                metadata=forwarded_metadata(context.invocation_metadata()),
+                timeout=context.time_remaining(),
+            )
+            response: bytes = await call
+            latency = clock() - start
+            initial = await call.initial_metadata()
+            if initial:
+                await context.send_initial_metadata(initial)
+            trailing = await call.trailing_metadata()
+            if trailing:
+                context.set_trailing_metadata(trailing)
+            return response
+        except aio.AioRpcError as error:
+            if _observed(error, backends[i]):
+                latency = clock() - start
+            await _relay_error(context, error, cluster, backends[i], initial_sent=False)
+            return None
+        finally:
+            if call is not None and not call.done():
+                call.cancel()
+            done(i, start, latency)
+
+    return forward
+
+
+def _stream_response(
+    cluster: Cluster, calls: Sequence[Any]
+) -> Callable[[Any, _Context], Awaitable[None]]:
+    """The forwarder for server-streaming and bidi methods, and unknown kinds.
+
+    The latency the balancer observes is the time to the backend's response
+    headers, as Linkerd measures streams: a stream's length says nothing of
+    the backend's speed.
+    """
+    balancer = cluster.balancer
+    pick, done = balancer.pick, balancer.done
+    backends = cluster.backends
+    clock = time.monotonic_ns
+
+    async def forward(request: Any, context: _Context) -> None:
+        try:
+            i = pick()
+        except NoEligibleEndpointError as exc:
+            await context.abort(exc.code, str(exc))
+        start = clock()
+        headers = 0  # when the backend's response headers came
+        latency: int | None = None
+        initial_sent = False
+        call = None
+        try:
+            call = calls[i](
+                request,
+                metadata=forwarded_metadata(context.invocation_metadata()),
+                timeout=context.time_remaining(),
+            )
+            initial = await call.initial_metadata()
+            headers = clock()
+            if initial:
+                await context.send_initial_metadata(initial)
+                initial_sent = True
+            responses: AsyncIterator[bytes] = call.__aiter__()
+            async for response in responses:
+                await context.write(response)
+            trailing = await call.trailing_metadata()
+            if trailing:
+                context.set_trailing_metadata(trailing)
+            latency = headers - start
+        except aio.AioRpcError as error:
+            if _observed(error, backends[i]):
+                latency = (headers or clock()) - start
+            await _relay_error(context, error, cluster, backends[i], initial_sent=initial_sent)
+        finally:
+            if call is not None and not call.done():
+                call.cancel()
+            done(i, start, latency)
+
+    return forward

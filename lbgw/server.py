@@ -1,0 +1,133 @@
+"""The gateway: builds clusters from a config and runs the grpc.aio server.
+
+``Gateway`` owns the lifecycle: ``start()`` makes one channel per endpoint,
+learns method kinds (config, then reflection), binds the listeners and
+starts serving; ``stop(grace)`` stops accepting calls, gives those in flight
+``grace`` seconds, cancels what is left and closes the channels. ``cli.py``
+calls ``stop`` on SIGTERM and SIGINT.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import TracebackType
+from typing import Any
+
+from grpc import aio
+
+from lbgw.backends import Backend, channel_options
+from lbgw.balancer import Balancer
+from lbgw.config import Config, parse_address
+from lbgw.exceptions import LbgwError
+from lbgw.logs import fields
+from lbgw.proxy import Cluster, Proxy
+from lbgw.reflection import discover_kinds
+from lbgw.routing import Router
+
+__all__ = ["Gateway", "StartError"]
+
+log = logging.getLogger("lbgw.server")
+
+
+class StartError(LbgwError):
+    """The gateway could not start, e.g. a listener address could not be bound."""
+
+
+def server_options(config: Config, *, reuse_port: bool) -> list[tuple[str, Any]]:
+    limits = config.limits
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", limits.max_receive_message_bytes),
+        ("grpc.max_send_message_length", limits.max_send_message_bytes),
+        # gRPC sets SO_REUSEPORT by default on Linux, which would let a second
+        # gateway bind the same port silently; only --workers shares a port.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+    ]
+    if limits.max_concurrent_streams is not None:
+        options.append(("grpc.max_concurrent_streams", limits.max_concurrent_streams))
+    return options
+
+
+class Gateway:
+    """lbgw itself: ``async with Gateway(config) as gw: ... gw.addresses``."""
+
+    def __init__(self, config: Config, *, reuse_port: bool = False) -> None:
+        self.config = config
+        self._reuse_port = reuse_port
+        self._server: aio.Server | None = None
+        self._backends: list[Backend] = []
+        self.clusters: dict[str, Cluster] = {}
+        self.addresses: list[str] = []
+
+    def __repr__(self) -> str:
+        state = "serving" if self._server is not None else "stopped"
+        return f"<Gateway {state} {', '.join(self.addresses) or '-'} clusters={len(self.clusters)}>"
+
+    async def __aenter__(self) -> Gateway:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop(0)
+
+    async def start(self) -> None:
+        config = self.config
+        for cc in config.clusters:
+            options = channel_options(cc, config.limits)
+            backends = [Backend(cc.name, e.address, options) for e in cc.endpoints]
+            self._backends.extend(backends)
+            for backend in backends:
+                backend.connect()
+            kinds = {}
+            if cc.reflection:
+                kinds = await discover_kinds(
+                    cc.name, [b.address for b in backends], [b.channel for b in backends]
+                )
+            kinds.update(cc.methods)  # the config's word wins over reflection's
+            self.clusters[cc.name] = Cluster(Balancer(cc), backends, kinds)
+
+        server = aio.server(options=server_options(config, reuse_port=self._reuse_port))
+        server.add_generic_rpc_handlers((Proxy(Router(config.routes, self.clusters)),))
+        for listener in config.listeners:
+            try:
+                port = server.add_insecure_port(listener.address)
+            except RuntimeError as exc:  # grpcio raises when it cannot bind
+                await self._close_backends()
+                raise StartError(f"cannot listen on {listener.address}: {exc}") from exc
+            host, _ = parse_address(listener.address)
+            self.addresses.append(f"{host}:{port}")
+        await server.start()
+        self._server = server
+        for address in self.addresses:
+            log.info("listening", extra=fields(address=address))
+        for cluster in self.clusters.values():
+            log.info(
+                "cluster",
+                extra=fields(
+                    cluster=cluster.name,
+                    strategy=cluster.balancer.strategy,
+                    endpoints=list(cluster.balancer.addresses),
+                    known_methods=len(cluster.kinds),
+                ),
+            )
+
+    async def wait(self) -> None:
+        """Until the server stops."""
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting calls; in-flight calls get ``grace`` seconds, then are cancelled."""
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop(grace)
+        await self._close_backends()
+
+    async def _close_backends(self) -> None:
+        backends, self._backends = self._backends, []
+        for backend in backends:
+            await backend.close()
