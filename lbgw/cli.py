@@ -1,0 +1,297 @@
+"""The ``lbgw`` command: ``serve``, ``check-config``, ``demo`` and ``call``.
+
+With ``cli.py`` and ``config.py``, this is the only module that reads argv,
+files or the environment. ``serve --workers N`` runs N worker processes that
+share the listening ports with ``SO_REUSEPORT`` (the kernel spreads incoming
+connections over them); this process supervises them, forwards SIGTERM and
+SIGINT, and exits 0 once every worker has drained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any, Final
+
+from lbgw.config import (
+    STRATEGIES,
+    Config,
+    ListenerConfig,
+    MethodKind,
+    config_from_mapping,
+    load_config,
+    parse_address,
+)
+from lbgw.exceptions import ConfigError, LbgwError
+from lbgw.logs import configure, fields
+
+__all__ = ["main"]
+
+log = logging.getLogger("lbgw.cli")
+
+# A worker process learns its role and its (already resolved) listeners here.
+_WORKER_ENV: Final = "LBGW_WORKER"
+_WORKER_LISTENERS_ENV: Final = "LBGW_WORKER_LISTENERS"
+EXIT_CONFIG: Final = 2
+
+
+def _backend(text: str) -> dict[str, Any]:
+    address, sep, weight = text.partition("=")
+    try:
+        parse_address(address)
+        if sep and (not weight.isdigit() or int(weight) < 1):
+            raise ValueError(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected host:port or host:port=WEIGHT with WEIGHT >= 1"
+        ) from None
+    return {"address": address, "weight": int(weight) if sep else 1}
+
+
+def _method_kind(text: str) -> tuple[str, str]:
+    method, sep, kind = text.rpartition("=")
+    kinds = [k.value for k in MethodKind]
+    if not sep or kind not in kinds:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected /package.Service/Method=KIND, KIND one of {', '.join(kinds)}"
+        )
+    return method, kind
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lbgw", description="A gRPC load-balancing gateway.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the gateway",
+        description="Run the gateway from a config file (--config), or from the quick "
+        "form: --listen, --backend (repeatable) and --strategy.",
+    )
+    serve.add_argument("--config", metavar="FILE", help="TOML config file")
+    serve.add_argument(
+        "--listen", metavar="HOST:PORT", action="append", help="listen address (quick form)"
+    )
+    serve.add_argument(
+        "--backend",
+        metavar="HOST:PORT[=WEIGHT]",
+        action="append",
+        type=_backend,
+        help="a backend endpoint, weight 1 unless given (quick form; repeatable)",
+    )
+    serve.add_argument("--strategy", choices=STRATEGIES, help="picking strategy (default swrr)")
+    serve.add_argument(
+        "--method",
+        metavar="/pkg.Svc/Method=KIND",
+        action="append",
+        type=_method_kind,
+        default=[],
+        help="a method's kind, for the unary fast path (quick form; repeatable)",
+    )
+    serve.add_argument(
+        "--reflection",
+        action="store_true",
+        help="learn method kinds from the backends' server reflection (quick form)",
+    )
+    serve.add_argument("--workers", type=int, metavar="N", help="worker processes (default 1)")
+    serve.add_argument("--grace", type=float, metavar="SECONDS", help="drain time on SIGTERM")
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    serve.add_argument("--log-format", choices=("json", "text"))
+
+    check = commands.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file", metavar="FILE")
+
+    demo = commands.add_parser("demo", help="run the gateway in front of two demo echo backends")
+    demo.add_argument("--listen", default="127.0.0.1:50051", metavar="HOST:PORT")
+    demo.add_argument("--calls", type=int, default=8, help="sample calls to make at start")
+    demo.add_argument("--once", action="store_true", help="exit after the sample calls")
+
+    call = commands.add_parser("call", help="call the demo echo service through a gateway")
+    call.add_argument("address", metavar="HOST:PORT")
+    call.add_argument("--count", type=int, default=4)
+    call.add_argument("--message", default="hello")
+    call.add_argument("--timeout", type=float, default=5.0)
+    return parser
+
+
+def _serve_config(args: argparse.Namespace) -> Config:
+    quick = args.listen or args.backend or args.strategy or args.method or args.reflection
+    if args.config and quick:
+        raise ConfigError(
+            "command line", "--config", "either --config or the quick form flags, not both"
+        )
+    if args.config:
+        config = load_config(args.config)
+    else:
+        if not args.backend:
+            raise ConfigError("command line", "--backend", "at least one --backend HOST:PORT")
+        cluster: dict[str, Any] = {
+            "endpoints": args.backend,
+            "strategy": args.strategy or "swrr",
+            "methods": dict(args.method),
+            "reflection": args.reflection,
+        }
+        config = config_from_mapping(
+            {
+                "listeners": [{"address": a} for a in (args.listen or ["127.0.0.1:50051"])],
+                "clusters": {"default": cluster},
+            },
+            source="command line",
+        )
+    changes: dict[str, Any] = {}
+    if args.workers is not None:
+        if not 1 <= args.workers <= 256:
+            raise ConfigError("command line", "--workers", "an integer from 1 to 256", args.workers)
+        changes["workers"] = args.workers
+    if args.grace is not None:
+        if not args.grace >= 0:
+            raise ConfigError("command line", "--grace", "a number of seconds >= 0", args.grace)
+        changes["grace_period"] = args.grace
+    log_config = config.log
+    if args.log_level:
+        log_config = replace(log_config, level=args.log_level)
+    if args.log_format:
+        log_config = replace(log_config, format=args.log_format)
+    return replace(config, log=log_config, **changes)
+
+
+async def _run_gateway(config: Config, *, reuse_port: bool) -> int:
+    from lbgw.server import Gateway  # noqa: PLC0415 - keep `check-config` light
+
+    gateway = Gateway(config, reuse_port=reuse_port)
+    await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.ensure_future(gateway.wait())
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait((waiter, stopper), return_when=asyncio.FIRST_COMPLETED)
+    log.info("draining", extra=fields(grace_period=config.grace_period))
+    await gateway.stop(config.grace_period)
+    waiter.cancel()
+    stopper.cancel()
+    log.info("stopped")
+    return 0
+
+
+def _reserve_ports(config: Config) -> tuple[list[str], list[socket.socket]]:
+    """Resolve port 0 for every worker alike: bind (not listen) with SO_REUSEPORT."""
+    addresses: list[str] = []
+    holders: list[socket.socket] = []
+    for listener in config.listeners:
+        host, port = parse_address(listener.address)
+        if port == 0:
+            bare = host.strip("[]")
+            family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+            holder = socket.socket(family, socket.SOCK_STREAM)
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            holder.bind((bare, 0))
+            holders.append(holder)
+            port = holder.getsockname()[1]
+        addresses.append(f"{host}:{port}")
+    return addresses, holders
+
+
+def _supervise(config: Config, argv: Sequence[str]) -> int:
+    addresses, holders = _reserve_ports(config)
+    env = dict(os.environ, **{_WORKER_LISTENERS_ENV: ",".join(addresses)})
+    workers: list[subprocess.Popen[bytes]] = []
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for n in range(config.workers):
+        env[_WORKER_ENV] = str(n)
+        workers.append(subprocess.Popen([sys.executable, "-m", "lbgw", *argv], env=dict(env)))
+    log.info("workers", extra=fields(pids=[w.pid for w in workers], addresses=addresses))
+    status = 0
+    try:
+        while not stopping:
+            exited = [w for w in workers if w.poll() is not None]
+            if exited:
+                for w in exited:
+                    log.error("worker exited", extra=fields(pid=w.pid, code=w.returncode))
+                status = 1
+                break
+            time.sleep(0.1)
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + config.grace_period + 10.0
+        for w in workers:
+            try:
+                code = w.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("worker did not stop; killing it", extra=fields(pid=w.pid))
+                w.kill()
+                code = w.wait()
+            if code != 0:
+                status = 1
+        for holder in holders:
+            holder.close()
+    log.info("stopped", extra=fields(code=status))
+    return status
+
+
+def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    config = _serve_config(args)
+    configure(config.log.level, config.log.format)
+    worker = os.environ.get(_WORKER_ENV)
+    if worker is not None:
+        listeners = os.environ[_WORKER_LISTENERS_ENV].split(",")
+        config = replace(config, listeners=tuple(ListenerConfig(a) for a in listeners))
+        return asyncio.run(_run_gateway(config, reuse_port=True))
+    if config.workers > 1:
+        return _supervise(config, argv)
+    return asyncio.run(_run_gateway(config, reuse_port=False))
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    clusters = ", ".join(
+        f"{c.name} ({c.strategy}, {len(c.endpoints)} endpoints)" for c in config.clusters
+    )
+    print(
+        f"{args.file}: ok: {len(config.listeners)} listener(s), clusters: {clusters}; "
+        f"{len(config.routes)} route(s)"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args, argv)
+        if args.command == "check-config":
+            return _check_config(args)
+        from lbgw import demo  # noqa: PLC0415 - the demo backend is not needed to serve
+
+        if args.command == "demo":
+            configure("info", "text")
+            return asyncio.run(demo.run_demo(args.listen, args.calls, once=args.once))
+        return asyncio.run(demo.call(args.address, args.count, args.message, args.timeout))
+    except ConfigError as exc:
+        print(f"lbgw: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except LbgwError as exc:
+        print(f"lbgw: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # pragma: no cover - a second Ctrl-C while stopping
+        return 130

@@ -1,0 +1,174 @@
+"""Test seams shipped with lbgw: a loopback server helper and the echo backend.
+
+``EchoBackend`` implements ``lbgw.echo.v1.Echo`` (``protos/lbgw/pb/echo.proto``)
+for all four call kinds. It is the backend of ``lbgw demo``, of the
+integration tests and of the benchmarks, and it records what it saw (calls,
+metadata, deadlines, cancellations) so a test can check what lbgw forwarded.
+``serve`` starts any servicer on ``127.0.0.1`` on a port the OS chooses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import grpc
+from grpc import aio
+from grpc_reflection.v1alpha.reflection import SERVICE_NAME, enable_server_reflection
+
+from lbgw.pb import echo_pb2, echo_pb2_grpc
+
+if TYPE_CHECKING:
+    _Context: TypeAlias = aio.ServicerContext[Any, Any]
+
+__all__ = ["EchoBackend", "Seen", "echo_registrar", "serve"]
+
+
+@dataclass
+class Seen:
+    """What an ``EchoBackend`` observed, for assertions."""
+
+    calls: int = 0
+    cancelled: int = 0
+    metadata: list[tuple[tuple[str, str | bytes], ...]] = field(default_factory=list)
+    time_remaining: list[float | None] = field(default_factory=list)
+    sent: int = 0  # stream replies written so far
+
+
+class EchoBackend(echo_pb2_grpc.EchoServicer):
+    """The echo service: replies name ``self.name``; ``self.seen`` records calls.
+
+    ``delay`` (seconds) is added before every reply, to make a slow backend.
+    """
+
+    def __init__(self, name: str, *, delay: float = 0.0) -> None:
+        self.name = name
+        self.delay = delay
+        self.seen = Seen()
+        self.cancel_seen = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<EchoBackend {self.name} calls={self.seen.calls}>"
+
+    @contextlib.contextmanager
+    def _call(self, context: _Context) -> Iterator[None]:
+        """Record a call; count it as cancelled if gRPC cancels its handler.
+
+        (grpc.aio cancels the handler's task on a client cancel or an
+        expired deadline; ``context.cancelled()`` does not say so.)
+        """
+        self.seen.calls += 1
+        md = tuple((k, v) for k, v in context.invocation_metadata() or ())
+        self.seen.metadata.append(md)
+        self.seen.time_remaining.append(context.time_remaining())
+        try:
+            yield
+        except asyncio.CancelledError:
+            self.seen.cancelled += 1
+            self.cancel_seen.set()
+            raise
+
+    def _reply(self, request: echo_pb2.EchoRequest, index: int) -> echo_pb2.EchoResponse:
+        payload = b"x" * request.response_size if request.response_size else request.payload
+        return echo_pb2.EchoResponse(
+            message=request.message, payload=payload, backend=self.name, index=index
+        )
+
+    async def _maybe_fail(self, request: echo_pb2.EchoRequest, context: _Context) -> None:
+        delay = self.delay + request.delay_ms / 1000
+        if delay:
+            await asyncio.sleep(delay)
+        if request.status_code:
+            await context.abort(_code(request.status_code), request.status_message)
+
+    async def Unary(  # noqa: N802 - the gRPC method's name
+        self, request: echo_pb2.EchoRequest, context: _Context
+    ) -> echo_pb2.EchoResponse:
+        with self._call(context):
+            await self._maybe_fail(request, context)
+            return self._reply(request, 0)
+
+    async def ServerStream(  # noqa: N802
+        self, request: echo_pb2.EchoRequest, context: _Context
+    ) -> AsyncIterator[echo_pb2.EchoResponse]:
+        with self._call(context):
+            for i in range(max(request.response_count, 1)):
+                await self._maybe_fail(request, context)
+                yield self._reply(request, i)
+                self.seen.sent += 1
+
+    async def ClientStream(  # noqa: N802
+        self, requests: AsyncIterator[echo_pb2.EchoRequest], context: _Context
+    ) -> echo_pb2.EchoResponse:
+        with self._call(context):
+            count = 0
+            last = echo_pb2.EchoRequest()
+            async for request in requests:
+                count += 1
+                last = request
+                await self._maybe_fail(request, context)
+            return echo_pb2.EchoResponse(message=last.message, backend=self.name, index=count)
+
+    async def Bidi(  # noqa: N802
+        self, requests: AsyncIterator[echo_pb2.EchoRequest], context: _Context
+    ) -> AsyncIterator[echo_pb2.EchoResponse]:
+        with self._call(context):
+            i = 0
+            async for request in requests:
+                await self._maybe_fail(request, context)
+                yield self._reply(request, i)
+                self.seen.sent += 1
+                i += 1
+
+
+_CODES: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _code(value: int) -> grpc.StatusCode:
+    try:
+        return _CODES[value]
+    except KeyError:
+        raise ValueError(f"no gRPC status code {value}") from None
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    register: Callable[[aio.Server], None],
+    *,
+    options: Sequence[tuple[str, int | str]] = (),
+    grace: float | None = 0.0,
+) -> AsyncIterator[str]:
+    """Run a grpc.aio server on ``127.0.0.1:<free port>``; yield ``host:port``.
+
+    ``register`` adds the servicers, e.g.
+    ``lambda s: echo_pb2_grpc.add_EchoServicer_to_server(EchoBackend("a"), s)``.
+    """
+    server = aio.server(options=list(options))
+    register(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(grace)
+
+
+def echo_registrar(
+    backend: EchoBackend, *, reflection: bool = False
+) -> Callable[[aio.Server], None]:
+    """``register`` for ``serve`` that adds ``backend`` as the Echo service.
+
+    With ``reflection``, the server also serves gRPC server reflection, so a
+    gateway can learn the Echo methods' kinds from it.
+    """
+
+    def register(server: aio.Server) -> None:
+        echo_pb2_grpc.add_EchoServicer_to_server(backend, server)  # type: ignore[no-untyped-call]
+        if reflection:
+            names = (echo_pb2.DESCRIPTOR.services_by_name["Echo"].full_name, SERVICE_NAME)
+            enable_server_reflection(names, server)
+
+    return register
