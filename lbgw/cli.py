@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import signal
 import socket
@@ -28,6 +29,7 @@ from lbgw.config import (
     ListenerConfig,
     MethodKind,
     config_from_mapping,
+    is_method_name,
     load_config,
     parse_address,
 )
@@ -44,15 +46,25 @@ _WORKER_LISTENERS_ENV: Final = "LBGW_WORKER_LISTENERS"
 EXIT_CONFIG: Final = 2
 
 
+def _listen(text: str) -> str:
+    try:
+        parse_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected host:port (IPv6 as [addr]:port)"
+        ) from None
+    return text
+
+
 def _backend(text: str) -> dict[str, Any]:
     address, sep, weight = text.partition("=")
     try:
-        parse_address(address)
-        if sep and (not weight.isdigit() or int(weight) < 1):
+        _, port = parse_address(address)
+        if port == 0 or (sep and not (weight.isascii() and weight.isdigit() and int(weight) >= 1)):
             raise ValueError(weight)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected host:port or host:port=WEIGHT with WEIGHT >= 1"
+            f"{text!r}: expected host:port or host:port=WEIGHT, port 1-65535, WEIGHT >= 1"
         ) from None
     return {"address": address, "weight": int(weight) if sep else 1}
 
@@ -60,7 +72,7 @@ def _backend(text: str) -> dict[str, Any]:
 def _method_kind(text: str) -> tuple[str, str]:
     method, sep, kind = text.rpartition("=")
     kinds = [k.value for k in MethodKind]
-    if not sep or kind not in kinds:
+    if not sep or kind not in kinds or not is_method_name(method):
         raise argparse.ArgumentTypeError(
             f"{text!r}: expected /package.Service/Method=KIND, KIND one of {', '.join(kinds)}"
         )
@@ -79,7 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--config", metavar="FILE", help="TOML config file")
     serve.add_argument(
-        "--listen", metavar="HOST:PORT", action="append", help="listen address (quick form)"
+        "--listen",
+        metavar="HOST:PORT",
+        action="append",
+        type=_listen,
+        help="listen address (quick form; repeatable)",
     )
     serve.add_argument(
         "--backend",
@@ -134,6 +150,14 @@ def _serve_config(args: argparse.Namespace) -> Config:
     else:
         if not args.backend:
             raise ConfigError("command line", "--backend", "at least one --backend HOST:PORT")
+        addresses = [b["address"] for b in args.backend]
+        for address in addresses:
+            if addresses.count(address) > 1:
+                raise ConfigError("command line", "--backend", "each address once", address)
+        methods = [m for m, _ in args.method]
+        for method in methods:
+            if methods.count(method) > 1:
+                raise ConfigError("command line", "--method", "each method once", method)
         cluster: dict[str, Any] = {
             "endpoints": args.backend,
             "strategy": args.strategy or "swrr",
@@ -153,7 +177,7 @@ def _serve_config(args: argparse.Namespace) -> Config:
             raise ConfigError("command line", "--workers", "an integer from 1 to 256", args.workers)
         changes["workers"] = args.workers
     if args.grace is not None:
-        if not args.grace >= 0:
+        if not (args.grace >= 0 and math.isfinite(args.grace)):
             raise ConfigError("command line", "--grace", "a number of seconds >= 0", args.grace)
         changes["grace_period"] = args.grace
     log_config = config.log

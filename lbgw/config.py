@@ -42,6 +42,7 @@ __all__ = [
     "RouteConfig",
     "StrategyParams",
     "config_from_mapping",
+    "is_method_name",
     "load_config",
     "parse_address",
 ]
@@ -167,6 +168,8 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(source, "(file)", f"a readable TOML file ({exc.strerror})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "(file)", f"valid TOML ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, "(file)", f"UTF-8 text, as TOML requires ({exc})") from exc
     return config_from_mapping(data, source)
 
 
@@ -178,7 +181,7 @@ def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Co
 def parse_address(text: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` -> (host, port); raises ValueError."""
     host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
+    if not sep or not host or not (port_text.isascii() and port_text.isdigit()):
         raise ValueError(text)
     port = int(port_text)
     if not 0 <= port <= 65535:
@@ -366,7 +369,7 @@ class _Reader:
         methods = []
         for method, kind in methods_data.items():
             mkey = f"{key}.methods.{method!r}"
-            if not _is_method(method):
+            if not is_method_name(method):
                 raise self.fail(mkey, "a full method name /package.Service/Method")
             methods.append((method, MethodKind(self.string(kind, mkey, kinds))))
 
@@ -423,9 +426,11 @@ class _Reader:
         if value is None:
             if len(clusters) == 1:  # one cluster and no routes: it takes every call
                 return (RouteConfig("default", "", next(iter(clusters))),)
-            raise self.fail("routes", "an array of tables [[routes]] when there are two clusters")
-        if not isinstance(value, list):
-            raise self.fail("routes", "an array of tables [[routes]]", value)
+            raise self.fail(
+                "routes", "an array of tables [[routes]] when there are two or more clusters"
+            )
+        if not isinstance(value, list) or not value:
+            raise self.fail("routes", "a non-empty array of tables [[routes]]", value)
         routes = []
         seen: set[tuple[str, str]] = set()
         for n, item in enumerate(value):
@@ -443,7 +448,7 @@ class _Reader:
                 text = ""
             else:
                 text = self.string(table[match], f"{key}.{match}")
-                if match == "method" and not _is_method(text):
+                if match == "method" and not is_method_name(text):
                     raise self.fail(f"{key}.method", "a full method name /package.Service/Method")
                 if match in ("service", "package") and not _is_dotted(text):
                     raise self.fail(f"{key}.{match}", "a dotted name such as pkg.v1.Service", text)
@@ -465,7 +470,8 @@ def _is_dotted(text: str) -> bool:
     return bool(text) and all(part and part.replace("_", "a").isalnum() for part in text.split("."))
 
 
-def _is_method(text: str) -> bool:
+def is_method_name(text: str) -> bool:
+    """Whether ``text`` is a full gRPC method name, ``/package.Service/Method``."""
     if not text.startswith("/") or text.count("/") != 2:
         return False
     service, method = text[1:].split("/")

@@ -21,10 +21,10 @@ T = TypeVar("T")
 
 def split_method(method: str) -> tuple[str, str]:
     """``/pkg.Svc/Method`` -> (``pkg.Svc``, ``Method``); ("", "") if malformed."""
-    service, sep, name = method[1:].rpartition("/")
-    if not method.startswith("/") or not sep:
+    parts = method.split("/")
+    if len(parts) != 3 or parts[0] or not parts[1] or not parts[2]:
         return "", ""
-    return service, name
+    return parts[1], parts[2]
 
 
 class Router(Generic[T]):
