@@ -1,0 +1,648 @@
+"""Config loading: a good file becomes frozen dataclasses; a bad one names file, key, expected.
+
+Every bad case goes through ``load_config`` on a real file under ``tmp_path``,
+so the assertion covers the whole message a user reads:
+``<path>: <dotted key>: expected <what>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+import lbgw
+from lbgw.config import (
+    ClusterConfig,
+    Config,
+    EndpointConfig,
+    Limits,
+    ListenerConfig,
+    LogConfig,
+    MethodKind,
+    RouteConfig,
+    StrategyParams,
+    config_from_mapping,
+    load_config,
+    parse_address,
+)
+from lbgw.exceptions import ConfigError, LbgwError
+
+LISTENER = '[[listeners]]\naddress = "127.0.0.1:0"\n'
+API = '[clusters.api]\nendpoints = ["127.0.0.1:50061"]\n'
+WEB = '[clusters.web]\nendpoints = ["127.0.0.1:50062"]\n'
+MINIMAL = LISTENER + API
+
+FULL = """
+[server]
+grace_period = 2.5
+workers = 4
+
+[[listeners]]
+address = "127.0.0.1:50051"
+
+[[listeners]]
+address = "[::1]:0"
+
+[limits]
+max_receive_message_bytes = 1048576
+max_send_message_bytes = 2097152
+max_concurrent_streams = 100
+
+[log]
+level = "debug"
+format = "text"
+
+[clusters.users]
+endpoints = ["10.0.0.1:50051", { address = "10.0.0.2:50051", weight = 3 }, "[::1]:50052"]
+strategy = "ewma"
+reflection = true
+
+[clusters.users.params]
+decay = 5.0
+default_rtt = 0.01
+choice = "best"
+seed = 7
+
+[clusters.users.channel_options]
+"grpc.keepalive_time_ms" = 10000
+"grpc.primary_user_agent" = "lbgw-test"
+
+[clusters.users.methods]
+"/users.v1.Users/Get" = "unary"
+"/users.v1.Users/Watch" = "server_streaming"
+
+[clusters.fallback]
+endpoints = [{ address = "backend.local:9000" }]
+strategy = "least_request"
+params = { active_request_bias = 0.5 }
+
+[[routes]]
+method = "/users.v1.Users/Get"
+cluster = "users"
+
+[[routes]]
+service = "users.v1.Admin"
+cluster = "fallback"
+
+[[routes]]
+package = "users"
+cluster = "users"
+
+[[routes]]
+default = true
+cluster = "fallback"
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "lbgw.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def load_error(path: Path) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return info.value
+
+
+def assert_names(error: ConfigError, path: Path, key: str, expected: str) -> None:
+    """The message a user reads names the file, the dotted key and what was expected."""
+    assert error.source == str(path)
+    assert error.key == key
+    assert f"{path}: {key}: expected {expected}" in str(error)
+
+
+# -- good configs ---------------------------------------------------------------------------
+
+
+def test_full_config_round_trips_into_dataclasses(tmp_path: Path) -> None:
+    path = write(tmp_path, FULL)
+    assert load_config(path) == Config(
+        listeners=(ListenerConfig("127.0.0.1:50051"), ListenerConfig("[::1]:0")),
+        clusters=(
+            ClusterConfig(
+                name="users",
+                endpoints=(
+                    EndpointConfig("10.0.0.1:50051", 1),
+                    EndpointConfig("10.0.0.2:50051", 3),
+                    EndpointConfig("[::1]:50052", 1),
+                ),
+                strategy="ewma",
+                params=StrategyParams(decay=5.0, default_rtt=0.01, choice="best", seed=7),
+                channel_options=(
+                    ("grpc.keepalive_time_ms", 10000),
+                    ("grpc.primary_user_agent", "lbgw-test"),
+                ),
+                methods=(
+                    ("/users.v1.Users/Get", MethodKind.UNARY),
+                    ("/users.v1.Users/Watch", MethodKind.SERVER_STREAMING),
+                ),
+                reflection=True,
+            ),
+            ClusterConfig(
+                name="fallback",
+                endpoints=(EndpointConfig("backend.local:9000", 1),),
+                strategy="least_request",
+                params=StrategyParams(active_request_bias=0.5),
+            ),
+        ),
+        routes=(
+            RouteConfig("method", "/users.v1.Users/Get", "users"),
+            RouteConfig("service", "users.v1.Admin", "fallback"),
+            RouteConfig("package", "users", "users"),
+            RouteConfig("default", "", "fallback"),
+        ),
+        limits=Limits(
+            max_receive_message_bytes=1048576,
+            max_send_message_bytes=2097152,
+            max_concurrent_streams=100,
+        ),
+        log=LogConfig(level="debug", format="text"),
+        grace_period=2.5,
+        workers=4,
+        source=str(path),
+    )
+
+
+def test_minimal_config_takes_the_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.grace_period == 10.0
+    assert config.workers == 1
+    assert config.limits == Limits(4 * 1024 * 1024, 4 * 1024 * 1024, None)
+    assert config.log == LogConfig("info", "json")
+    (cluster,) = config.clusters
+    assert cluster == ClusterConfig("api", (EndpointConfig("127.0.0.1:50061", 1),))
+    assert cluster.strategy == "swrr"
+    assert cluster.params == StrategyParams(
+        decay=10.0, default_rtt=0.03, choice="p2c", active_request_bias=1.0, seed=None
+    )
+    assert (cluster.channel_options, cluster.methods, cluster.reflection) == ((), (), False)
+
+
+def test_a_single_cluster_without_routes_gets_one_default_route(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.routes == (RouteConfig("default", "", "api"),)
+
+
+def test_config_from_mapping_takes_what_tomllib_returns() -> None:
+    config = config_from_mapping(
+        {
+            "listeners": [{"address": "[::1]:50051"}],
+            "clusters": {"api": {"endpoints": ["[::1]:50061", {"address": "h:1", "weight": 5}]}},
+        }
+    )
+    assert config.source == "<config>"
+    assert config.listeners == (ListenerConfig("[::1]:50051"),)
+    assert config.cluster("api").endpoints == (
+        EndpointConfig("[::1]:50061", 1),
+        EndpointConfig("h:1", 5),
+    )
+    with pytest.raises(KeyError):
+        config.cluster("nope")
+
+
+@pytest.mark.parametrize(
+    ("strategy", "params"),
+    [
+        ("random", "seed = 3"),
+        ("least_request", "active_request_bias = 0.0\nseed = 1"),
+        ("least_request", f"active_request_bias = {lbgw.MAX_ACTIVE_REQUEST_BIAS}"),
+        ("round_robin", ""),
+    ],
+)
+def test_each_strategy_accepts_its_own_params(tmp_path: Path, strategy: str, params: str) -> None:
+    text = MINIMAL + f'strategy = "{strategy}"\n[clusters.api.params]\n{params}\n'
+    assert load_config(write(tmp_path, text)).cluster("api").strategy == strategy
+
+
+def test_weight_bounds_are_inclusive(tmp_path: Path) -> None:
+    text = LISTENER + (
+        "[clusters.api]\nendpoints = ["
+        f'{{ address = "h:1", weight = 1 }}, {{ address = "h:2", weight = {lbgw.MAX_WEIGHT} }}]\n'
+    )
+    weights = [e.weight for e in load_config(write(tmp_path, text)).cluster("api").endpoints]
+    assert weights == [1, lbgw.MAX_WEIGHT]
+
+
+def test_parse_address() -> None:
+    assert parse_address("127.0.0.1:50051") == ("127.0.0.1", 50051)
+    assert parse_address("[::1]:50051") == ("[::1]", 50051)
+    assert parse_address("localhost:0") == ("localhost", 0)
+    for bad in ("localhost", ":1", "::1:50051", "[::1]", "[zz]:1", "h:65536", "h:-1", "a b:1"):
+        with pytest.raises(ValueError):
+            parse_address(bad)
+
+
+def test_config_objects_are_frozen(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, FULL))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.workers = 2  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.clusters[0].endpoints[0].weight = 9  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.clusters[0].params.decay = 1.0  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.limits.max_receive_message_bytes = 1  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.routes[0].cluster = "other"  # type: ignore[misc]
+    assert isinstance(config.clusters, tuple)
+    assert isinstance(config.clusters[0].channel_options, tuple)
+
+
+# -- bad files ------------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+    error = load_error(path)
+    assert_names(error, path, "(file)", "a readable TOML file (No such file or directory)")
+    assert isinstance(error, LbgwError)
+    assert isinstance(error, ValueError)
+
+
+def test_not_toml(tmp_path: Path) -> None:
+    path = write(tmp_path, LISTENER + "[clusters.api\nendpoints = 1\n")
+    assert_names(load_error(path), path, "(file)", "valid TOML (")
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(MINIMAL.encode() + b"# caf\xe9\n")
+    error = load_error(path)
+    assert error.source == str(path)
+    assert error.key == "(file)"
+
+
+# (id, file text, dotted key, start of what was expected)
+BAD: list[tuple[str, str, str, str]] = [
+    (
+        "unknown top-level key",
+        MINIMAL + "[sever]\nworkers = 2\n",
+        "sever",
+        "one of the keys clusters, limits, listeners, log, routes, server",
+    ),
+    (
+        "unknown server key",
+        MINIMAL + "[server]\ngrace = 1\n",
+        "server.grace",
+        "one of the keys grace_period, workers",
+    ),
+    (
+        "unknown cluster key",
+        LISTENER + '[clusters.api]\nendpoint = ["h:1"]\n',
+        "clusters.api.endpoint",
+        "one of the keys channel_options, endpoints, methods, params, reflection, strategy",
+    ),
+    (
+        "bad cluster name",
+        LISTENER + '[clusters."my api"]\nendpoints = ["h:1"]\n',
+        "clusters.my api",
+        "a cluster name of letters, digits",
+    ),
+    ("no clusters", LISTENER, "clusters", "at least one table [clusters.NAME]"),
+    ("listeners missing", API, "listeners", "a non-empty array of tables [[listeners]]"),
+    (
+        "listeners empty",
+        "listeners = []\n" + API,
+        "listeners",
+        "a non-empty array of tables [[listeners]]",
+    ),
+    (
+        "listener without address",
+        "[[listeners]]\n" + API,
+        "listeners[0].address",
+        "an address host:port",
+    ),
+    (
+        "listener address without port",
+        '[[listeners]]\naddress = "localhost"\n' + API,
+        "listeners[0].address",
+        "an address host:port (IPv6 as [addr]:port), got 'localhost'",
+    ),
+    (
+        "listener bare IPv6",
+        '[[listeners]]\naddress = "::1:50051"\n' + API,
+        "listeners[0].address",
+        "an address host:port (IPv6 as [addr]:port)",
+    ),
+    (
+        "listener port out of range",
+        '[[listeners]]\naddress = "127.0.0.1:65536"\n' + API,
+        "listeners[0].address",
+        "an address host:port (IPv6 as [addr]:port), got '127.0.0.1:65536'",
+    ),
+    (
+        "listener address not a string",
+        "[[listeners]]\naddress = 50051\n" + API,
+        "listeners[0].address",
+        "a string, got 50051",
+    ),
+    (
+        "endpoints empty",
+        LISTENER + "[clusters.api]\nendpoints = []\n",
+        "clusters.api.endpoints",
+        "a non-empty array of endpoints",
+    ),
+    (
+        "endpoint port 0",
+        LISTENER + '[clusters.api]\nendpoints = ["127.0.0.1:0"]\n',
+        "clusters.api.endpoints[0]",
+        "a port from 1 to 65535, got '127.0.0.1:0'",
+    ),
+    (
+        "endpoint table port 0",
+        LISTENER + '[clusters.api]\nendpoints = [{ address = "h:0", weight = 2 }]\n',
+        "clusters.api.endpoints[0].address",
+        "a port from 1 to 65535",
+    ),
+    (
+        "endpoint table without address",
+        LISTENER + "[clusters.api]\nendpoints = [{ weight = 2 }]\n",
+        "clusters.api.endpoints[0].address",
+        "an address host:port",
+    ),
+    (
+        "duplicate endpoint",
+        LISTENER + '[clusters.api]\nendpoints = ["h:1", { address = "h:1", weight = 2 }]\n',
+        "clusters.api.endpoints[1]",
+        "each address once in a cluster, got 'h:1'",
+    ),
+    *[
+        (
+            f"weight {weight}",
+            LISTENER + f'[clusters.api]\nendpoints = [{{ address = "h:1", weight = {weight} }}]\n',
+            "clusters.api.endpoints[0].weight",
+            f"an integer from 1 to {lbgw.MAX_WEIGHT}, got {got}",
+        )
+        for weight, got in [
+            ("0", "0"),
+            ("-1", "-1"),
+            ("true", "True"),
+            ("1.5", "1.5"),
+            ('"2"', "'2'"),
+            (str(lbgw.MAX_WEIGHT + 1), str(lbgw.MAX_WEIGHT + 1)),
+        ]
+    ],
+    (
+        "unknown strategy",
+        MINIMAL + 'strategy = "wrr"\n',
+        "clusters.api.strategy",
+        "one of 'swrr', 'ewma', 'round_robin', 'random', 'least_request', got 'wrr'",
+    ),
+    (
+        "decay on swrr",
+        MINIMAL + "[clusters.api.params]\ndecay = 5.0\n",
+        "clusters.api.params.decay",
+        "a parameter of 'swrr' (no parameters)",
+    ),
+    (
+        "active_request_bias on ewma",
+        MINIMAL + 'strategy = "ewma"\nparams = { active_request_bias = 1.0 }\n',
+        "clusters.api.params.active_request_bias",
+        "a parameter of 'ewma' (choice, decay, default_rtt, seed)",
+    ),
+    (
+        "decay on least_request",
+        MINIMAL + 'strategy = "least_request"\nparams = { decay = 1.0 }\n',
+        "clusters.api.params.decay",
+        "a parameter of 'least_request' (active_request_bias, seed)",
+    ),
+    (
+        "params not a table",
+        MINIMAL + 'strategy = "ewma"\nparams = 3\n',
+        "clusters.api.params",
+        "a table, got 3",
+    ),
+    (
+        "ewma choice",
+        MINIMAL + 'strategy = "ewma"\nparams = { choice = "all" }\n',
+        "clusters.api.params.choice",
+        "one of 'p2c', 'best', got 'all'",
+    ),
+    (
+        "ewma decay 0",
+        MINIMAL + 'strategy = "ewma"\nparams = { decay = 0 }\n',
+        "clusters.api.params.decay",
+        "a positive number, got 0",
+    ),
+    (
+        "ewma default_rtt negative",
+        MINIMAL + 'strategy = "ewma"\nparams = { default_rtt = -0.1 }\n',
+        "clusters.api.params.default_rtt",
+        "a positive number, got -0.1",
+    ),
+    *[
+        (
+            f"active_request_bias {bias}",
+            MINIMAL + f'strategy = "least_request"\nparams = {{ active_request_bias = {bias} }}\n',
+            "clusters.api.params.active_request_bias",
+            f"a number >= 0 up to {lbgw.MAX_ACTIVE_REQUEST_BIAS}, got {bias}",
+        )
+        for bias in ("-0.5", "10.5", "inf")
+    ],
+    (
+        "seed negative",
+        MINIMAL + 'strategy = "random"\nparams = { seed = -1 }\n',
+        "clusters.api.params.seed",
+        "an integer from 0 to",
+    ),
+    *[
+        (
+            f"limits.{limit} = {value}",
+            MINIMAL + f"[limits]\n{limit} = {value}\n",
+            f"limits.{limit}",
+            f"an integer from 1 to {2**31 - 1}",
+        )
+        for limit in (
+            "max_receive_message_bytes",
+            "max_send_message_bytes",
+            "max_concurrent_streams",
+        )
+        for value in ("0", "-1", '"4MiB"', "1.5", "true", str(2**31))
+    ],
+    (
+        "unknown limit",
+        MINIMAL + "[limits]\nmax_message_bytes = 1\n",
+        "limits.max_message_bytes",
+        "one of the keys max_concurrent_streams, max_receive_message_bytes",
+    ),
+    (
+        "log level",
+        MINIMAL + '[log]\nlevel = "verbose"\n',
+        "log.level",
+        "one of 'debug', 'info', 'warning', 'error', got 'verbose'",
+    ),
+    (
+        "log level upper case",
+        MINIMAL + '[log]\nlevel = "INFO"\n',
+        "log.level",
+        "one of 'debug', 'info', 'warning', 'error', got 'INFO'",
+    ),
+    (
+        "log format",
+        MINIMAL + '[log]\nformat = "xml"\n',
+        "log.format",
+        "one of 'json', 'text', got 'xml'",
+    ),
+    (
+        "workers 0",
+        MINIMAL + "[server]\nworkers = 0\n",
+        "server.workers",
+        "an integer from 1 to 256, got 0",
+    ),
+    (
+        "grace negative",
+        MINIMAL + "[server]\ngrace_period = -1\n",
+        "server.grace_period",
+        "a number >= 0, got -1",
+    ),
+    (
+        "grace inf",
+        MINIMAL + "[server]\ngrace_period = inf\n",
+        "server.grace_period",
+        "a number >= 0, got inf",
+    ),
+    (
+        "channel option without grpc. prefix",
+        MINIMAL + "[clusters.api.channel_options]\nkeepalive_time_ms = 1000\n",
+        "clusters.api.channel_options.'keepalive_time_ms'",
+        "a gRPC channel argument name, such as grpc.keepalive_time_ms",
+    ),
+    *[
+        (
+            f"channel option value {value}",
+            MINIMAL + f'[clusters.api.channel_options]\n"grpc.keepalive_time_ms" = {value}\n',
+            "clusters.api.channel_options.'grpc.keepalive_time_ms'",
+            f"an integer or a string, got {got}",
+        )
+        for value, got in [("1.5", "1.5"), ("true", "True"), ("[1]", "[1]")]
+    ],
+    (
+        "channel_options not a table",
+        MINIMAL + 'channel_options = ["grpc.x"]\n',
+        "clusters.api.channel_options",
+        "a table of gRPC channel arguments",
+    ),
+    *[
+        (
+            f"method name {name!r}",
+            MINIMAL + f'[clusters.api.methods]\n"{name}" = "unary"\n',
+            f"clusters.api.methods.{name!r}",
+            "a full method name /package.Service/Method",
+        )
+        for name in ("Get", "/a.B", "a.B/Get", "/a.B/Get/x", "/a..B/Get", "/a.B/")
+    ],
+    (
+        "method kind",
+        MINIMAL + '[clusters.api.methods]\n"/a.B/Get" = "stream"\n',
+        "clusters.api.methods.'/a.B/Get'",
+        "one of 'unary', 'server_streaming', 'client_streaming', 'bidi_streaming', got 'stream'",
+    ),
+    (
+        "reflection not a boolean",
+        MINIMAL + 'reflection = "yes"\n',
+        "clusters.api.reflection",
+        "true or false, got 'yes'",
+    ),
+    (
+        "route with two match keys",
+        MINIMAL + '[[routes]]\nservice = "a.B"\npackage = "a"\ncluster = "api"\n',
+        "routes[0]",
+        "exactly one of method, service, package or default = true",
+    ),
+    (
+        "route with no match key",
+        MINIMAL + '[[routes]]\ncluster = "api"\n',
+        "routes[0]",
+        "exactly one of method, service, package or default = true",
+    ),
+    (
+        "route to an unknown cluster",
+        MINIMAL + WEB + '[[routes]]\npackage = "a"\ncluster = "apj"\n',
+        "routes[0].cluster",
+        "one of the clusters api, web, got 'apj'",
+    ),
+    (
+        "route without cluster",
+        MINIMAL + '[[routes]]\npackage = "a"\n',
+        "routes[0].cluster",
+        "the name of a cluster",
+    ),
+    (
+        "duplicate route",
+        MINIMAL
+        + WEB
+        + '[[routes]]\nservice = "a.B"\ncluster = "api"\n'
+        + '[[routes]]\nservice = "a.B"\ncluster = "web"\n',
+        "routes[1]",
+        "each service routed once, got 'a.B'",
+    ),
+    (
+        "duplicate default route",
+        MINIMAL
+        + WEB
+        + '[[routes]]\ndefault = true\ncluster = "api"\n'
+        + '[[routes]]\ndefault = true\ncluster = "web"\n',
+        "routes[1]",
+        "each default routed once",
+    ),
+    (
+        "route with a bad method name",
+        MINIMAL + '[[routes]]\nmethod = "a.B.Get"\ncluster = "api"\n',
+        "routes[0].method",
+        "a full method name /package.Service/Method",
+    ),
+    (
+        "route with a bad service name",
+        MINIMAL + '[[routes]]\nservice = "a..B"\ncluster = "api"\n',
+        "routes[0].service",
+        "a dotted name such as pkg.v1.Service, got 'a..B'",
+    ),
+    (
+        "route with a bad package name",
+        MINIMAL + '[[routes]]\npackage = "a/b"\ncluster = "api"\n',
+        "routes[0].package",
+        "a dotted name such as pkg.v1.Service, got 'a/b'",
+    ),
+    (
+        "default = false",
+        MINIMAL + '[[routes]]\ndefault = false\ncluster = "api"\n',
+        "routes[0].default",
+        "true, got False",
+    ),
+    (
+        "unknown route key",
+        MINIMAL + '[[routes]]\nprefix = "a"\ncluster = "api"\n',
+        "routes[0].prefix",
+        "one of the keys cluster, default, method, package, service",
+    ),
+    (
+        "two clusters and no routes",
+        MINIMAL + WEB,
+        "routes",
+        "an array of tables [[routes]] when there are two or more clusters",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "expected"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_config_names_file_key_and_expected(
+    tmp_path: Path, text: str, key: str, expected: str
+) -> None:
+    path = write(tmp_path, text)
+    assert_names(load_error(path), path, key, expected)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:\u0665\u0660\u0660\u0665\u0661", "h:\uff11"])
+def test_non_ascii_port_digits_are_rejected(tmp_path: Path, address: str) -> None:
+    path = write(tmp_path, f'[[listeners]]\naddress = "{address}"\n' + API)
+    assert_names(load_error(path), path, "listeners[0].address", "an address host:port")
+
+
+@pytest.mark.parametrize("clusters", [API, API + WEB], ids=["one cluster", "two clusters"])
+def test_an_empty_routes_array_is_rejected(tmp_path: Path, clusters: str) -> None:
+    path = write(tmp_path, "routes = []\n" + LISTENER + clusters)
+    assert_names(load_error(path), path, "routes", "")
