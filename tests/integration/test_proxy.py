@@ -17,7 +17,9 @@ import pytest
 from grpc import aio
 
 from lbgw.config import MethodKind
-from lbgw.testing import EchoBackend
+from lbgw.pb import echo_pb2_grpc
+from lbgw.server import Gateway
+from lbgw.testing import EchoBackend, echo_registrar, serve
 from tests.integration.support import (
     ALL_KINDS,
     UNARY,
@@ -323,8 +325,6 @@ async def test_a_slow_reader_holds_back_the_backend_instead_of_filling_lbgw() ->
 
 
 async def test_reflection_gives_unary_methods_the_fast_path() -> None:
-    from lbgw.testing import echo_registrar, serve  # noqa: PLC0415
-
     backend = EchoBackend("a")
     async with serve(echo_registrar(backend, reflection=True)) as addr:
         cfg = config([addr], methods={}, cluster={"reflection": True})
@@ -332,3 +332,40 @@ async def test_reflection_gives_unary_methods_the_fast_path() -> None:
             kinds = t.gateway.clusters["echo"].kinds
             assert kinds == {m: MethodKind(k) for m, k in ALL_KINDS.items()}
             assert (await t.stub.Unary(request(message="r"), timeout=5)).message == "r"
+
+
+# --- misbehaving peers ----------------------------------------------------------
+
+
+async def test_a_backend_killed_mid_stream_gives_unavailable_and_frees_the_call() -> None:
+    backend = EchoBackend("dying")
+    server = aio.server()
+    echo_registrar(backend)(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with through(config([f"127.0.0.1:{port}"])) as t:
+            stream = t.stub.ServerStream(request(response_count=1000, delay_ms=10), timeout=30)
+            assert (await stream.read()).index == 0
+            await server.stop(0)
+            with pytest.raises(aio.AioRpcError) as info:
+                async with asyncio.timeout(10):
+                    while await stream.read() is not aio.EOF:
+                        pass
+            assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert await settle(t.gateway) == [0]
+    finally:
+        await server.stop(0)
+
+
+async def test_a_client_that_vanishes_mid_stream_cancels_the_backend_call() -> None:
+    backend = EchoBackend("a")
+    async with echo_backends(backend) as addrs, Gateway(config(addrs)) as gateway:
+        channel = aio.insecure_channel(gateway.addresses[0])
+        stub = echo_pb2_grpc.EchoStub(channel)  # type: ignore[no-untyped-call]
+        bidi = stub.Bidi(_requests(1_000_000, delay_ms=0), timeout=30)
+        assert (await bidi.read()).index == 0
+        await channel.close(grace=None)  # the connection goes away, no cancel sent first
+        async with asyncio.timeout(5):
+            await backend.cancel_seen.wait()
+        assert await settle(gateway) == [0]
