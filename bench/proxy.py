@@ -1,0 +1,673 @@
+"""Proxy benchmark: lbgw against its floor, against nginx and against no proxy at all.
+
+Run ``python bench/proxy.py`` (``--help`` lists the knobs; ``--quick``, one
+run of 1 s per configuration, is a smoke test of some 20 s). It starts a fast
+echo backend (``bench/backend.py``) and, in front of it, every proxy it finds:
+
+* ``direct``: no proxy, the load goes straight to the backend;
+* ``floor``: ``bench/passthrough.py``, the least a grpc.aio proxy can do
+  (unary only);
+* ``lbgw``: ``lbgw serve`` with one worker, strategy ``swrr``, both echo
+  methods in its method-kind table;
+* ``lbgw-w2``: the same with ``--workers 2``;
+* ``nginx``: ``grpc_pass`` with one worker and upstream keepalive, when
+  ``nginx`` is on PATH.
+
+Each gets unary calls (calls/s, p50 and p99 latency, the proxy's CPU per
+call) and server streams (messages/s, the proxy's CPU per message). CPU is
+``utime + stime`` from ``/proc/<pid>/stat`` over the proxy's whole process
+tree (lbgw's workers, nginx's master and worker), read just before and just
+after each measured window (``bench/procs.py``).
+
+The load comes from ``h2load`` (nghttp2-client) when it is installed, else
+from grpcio in processes of its own (``bench/loadgen.py``); see
+``bench/drive.py``. h2load cannot read ``grpc-status``, so every target must
+first pass a grpcio probe: a unary call and one full stream. Each client
+connection is a channel of its own, so under ``--workers 2`` the kernel's
+SO_REUSEPORT hash spreads them over both workers; the notes under the table
+show how the CPU split.
+
+The machine is small and shared, so each configuration runs ``--runs`` times,
+interleaved (A B C A B C ...), each window after a short warm-up, and the
+table shows medians. Everything listens on 127.0.0.1 on ports the OS chose,
+and every process started here is stopped by its PID on the way out (SIGTERM,
+then SIGKILL), on errors, Ctrl-C and SIGTERM too. ``--json PATH`` writes the
+machine, the settings, the rows with every run, and the ratios. It asserts no
+figure (STYLE.md, "Habits"): the targets in the summary are there to be read.
+It exits 1 when a configuration it started failed, so ``--quick`` can guard CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from drive import SERVER_STREAM, SLACK, UNARY, Driver, Load, Sample, Target
+from procs import Proc, free_port, stopping
+
+HERE = Path(__file__).resolve().parent
+
+CONFIGS = ("direct", "floor", "lbgw", "lbgw-w2", "nginx")
+LABELS = {
+    "direct": "direct (no proxy)",
+    "floor": "floor (passthrough.py)",
+    "lbgw": "lbgw",
+    "lbgw-w2": "lbgw --workers 2",
+    "nginx": "nginx grpc_pass",
+}
+
+DEFAULT_RUNS = 3
+DEFAULT_DURATION = 5.0
+DEFAULT_WARMUP = 1.0
+QUICK_RUNS = 1
+QUICK_DURATION = 1.0
+QUICK_WARMUP = 0.3
+
+#: How long a proxy may take to answer its first call.
+START_TIMEOUT = 30.0
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- configurations ---------------------------------------------------------
+
+
+def _python() -> list[str]:
+    return [sys.executable, "-u"]
+
+
+def _start_backend(workdir: Path, args: argparse.Namespace) -> tuple[Proc, str]:
+    argv = [
+        *_python(),
+        str(HERE / "backend.py"),
+        f"--stream-count={args.stream_count}",
+        f"--stream-size={args.stream_size}",
+    ]
+    proc = Proc("backend", argv, workdir)
+    return proc, f"127.0.0.1:{int(proc.first_line(START_TIMEOUT))}"
+
+
+def _start_floor(workdir: Path, backend: str) -> Proc:
+    return Proc("floor", [*_python(), str(HERE / "passthrough.py"), backend], workdir)
+
+
+def _lbgw_binary(given: str | None) -> str | None:
+    if given:
+        return given
+    beside = Path(sys.executable).with_name("lbgw")
+    return str(beside) if beside.exists() else shutil.which("lbgw")
+
+
+def _lbgw_help(binary: str) -> str | None:
+    """``lbgw serve --help``, or None when lbgw cannot run it yet."""
+    try:
+        done = subprocess.run(
+            [binary, "serve", "--help"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def _lbgw_argv(binary: str, help_text: str, port: int, backend: str, workers: int) -> list[str]:
+    argv = [binary, "serve", "--listen", f"127.0.0.1:{port}", "--backend", backend]
+    argv += ["--strategy", "swrr", "--log-level", "warning"]
+    # The method-kind table gives lbgw its unary fast path (MethodKind values in lbgw.config).
+    if "--method" in help_text:
+        argv += ["--method", f"{UNARY}=unary", "--method", f"{SERVER_STREAM}=server_streaming"]
+    if workers > 1:
+        argv += ["--workers", str(workers)]
+    return argv
+
+
+_NGINX_CONF = """\
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 600s;
+    upstream backend {{
+        server {backend};
+        keepalive {keepalive};
+        keepalive_requests 100000000;
+        keepalive_timeout 600s;
+    }}
+    server {{
+        listen 127.0.0.1:{port} http2;
+        location / {{
+            grpc_pass grpc://backend;
+        }}
+    }}
+}}
+"""
+
+
+def _start_nginx(workdir: Path, binary: str, backend: str, inflight: int) -> tuple[Proc, int]:
+    """nginx in the foreground on a temp prefix: one worker, keepalive to the backend.
+
+    nginx carries one call per backend connection at a time and, without
+    ``keepalive`` in an upstream block, opens a connection per call, which
+    would measure connection setup instead of proxying. So it keeps enough
+    idle connections for every call in flight.
+    """
+    prefix = workdir / "nginx"
+    prefix.mkdir()
+    port = free_port()
+    conf = prefix / "nginx.conf"
+    keepalive = max(64, inflight)
+    conf.write_text(
+        _NGINX_CONF.format(prefix=prefix, port=port, backend=backend, keepalive=keepalive)
+    )
+    argv = [binary, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)]
+    return Proc("nginx", [*argv, "-g", "daemon off;"], workdir), port
+
+
+def _probe(target: Target, args: argparse.Namespace, workdir: Path) -> str:
+    """Empty when the target answers a unary call (and a full stream); else why not.
+
+    Gives up as soon as the proxy process exits.
+    """
+    argv = [*_python(), str(HERE / "loadgen.py"), "probe", target.address]
+    argv += [f"--timeout={START_TIMEOUT}", *(["--stream"] if target.streams else [])]
+    proc = Proc(f"probe-{target.config}", argv, workdir)
+    deadline = time.monotonic() + START_TIMEOUT + SLACK
+    with stopping([proc]):
+        while proc.popen.poll() is None:
+            if target.proxy and target.proxy.popen.poll() is not None:
+                return "the proxy exited"
+            if time.monotonic() > deadline:
+                return "probe timed out"
+            time.sleep(0.05)
+        line = proc.out_path.read_text(encoding="utf-8", errors="replace").strip()
+    try:
+        result = json.loads(line.splitlines()[-1])
+    except (ValueError, IndexError):
+        return f"probe failed: {proc.stderr_tail()}"
+    if not result["unary"]:
+        return f"no unary call went through: {result['error']}"
+    if target.streams and result["stream_msgs"] != args.stream_count:
+        got = result["stream_msgs"]
+        return f"stream: {got} of {args.stream_count} messages ({result['error']})"
+    return ""
+
+
+# --- results ----------------------------------------------------------------
+
+
+@dataclass
+class _Row:
+    """Every sample of one configuration, and their medians."""
+
+    config: str
+    note: str = ""
+    #: Started but never ready; a row left out because its program is missing is not failed.
+    failed: bool = False
+    unary: list[Sample] = field(default_factory=list)
+    stream: list[Sample] = field(default_factory=list)
+
+    @staticmethod
+    def _median(values: Sequence[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return statistics.median(known) if known else None
+
+    def figures(self) -> dict[str, float | None]:
+        u = [s for s in self.unary if s.ok]
+        st = [s for s in self.stream if s.ok and s.msgs]
+        med = self._median
+
+        def per(cpu: float | None, n: int) -> float | None:
+            return None if cpu is None or not n else 1e6 * cpu / n
+
+        return {
+            "calls_per_s": med([s.calls / s.elapsed for s in u]),
+            "p50_ms": med([s.p50_ms for s in u]),
+            "p99_ms": med([s.p99_ms for s in u]),
+            "cpu_us_per_call": med([per(s.proxy_cpu, s.calls) for s in u]),
+            "proxy_cores": med(
+                [None if s.proxy_cpu is None else s.proxy_cpu / s.elapsed for s in u]
+            ),
+            "backend_cpu_us_per_call": med([per(s.backend_cpu, s.calls) for s in u]),
+            "msgs_per_s": med([s.msgs / s.elapsed for s in st]),
+            "cpu_us_per_msg": med([per(s.proxy_cpu, s.msgs) for s in st]),
+        }
+
+
+def _fmt(x: float | None, digits: int = 1) -> str:
+    if x is None:
+        return "-"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}f}"
+
+
+#: Table columns: heading, key of ``_Row.figures()``, decimals.
+_COLUMNS = (
+    ("calls/s", "calls_per_s", 0),
+    ("p50 ms", "p50_ms", 2),
+    ("p99 ms", "p99_ms", 2),
+    ("CPU µs/call", "cpu_us_per_call", 1),
+    ("cores", "proxy_cores", 2),
+    ("msgs/s", "msgs_per_s", 0),
+    ("CPU µs/msg", "cpu_us_per_msg", 2),
+    ("backend µs/call", "backend_cpu_us_per_call", 1),
+)
+
+#: The summary: key, what, (config, figure) over (config, figure), the target.
+_RATIOS = (
+    (
+        "lbgw_cpu_per_call_vs_floor",
+        "lbgw CPU per unary call / the floor's",
+        ("lbgw", "cpu_us_per_call"),
+        ("floor", "cpu_us_per_call"),
+        "target <= 1.25x",
+    ),
+    (
+        "lbgw_w2_calls_per_s_vs_lbgw",
+        "lbgw --workers 2 calls/s / one worker's",
+        ("lbgw-w2", "calls_per_s"),
+        ("lbgw", "calls_per_s"),
+        "target >= 1.5x",
+    ),
+    (
+        "lbgw_cpu_per_call_vs_nginx",
+        "lbgw CPU per unary call / nginx's",
+        ("lbgw", "cpu_us_per_call"),
+        ("nginx", "cpu_us_per_call"),
+        "for reading",
+    ),
+    (
+        "lbgw_cpu_per_msg_vs_nginx",
+        "lbgw CPU per streamed message / nginx's",
+        ("lbgw", "cpu_us_per_msg"),
+        ("nginx", "cpu_us_per_msg"),
+        "for reading",
+    ),
+    (
+        "floor_cpu_per_call_vs_nginx",
+        "floor CPU per unary call / nginx's",
+        ("floor", "cpu_us_per_call"),
+        ("nginx", "cpu_us_per_call"),
+        "for reading",
+    ),
+)
+
+
+def _table(rows: Sequence[_Row]) -> list[str]:
+    head = ("config", *(c[0] for c in _COLUMNS))
+    lines = [head]
+    for row in rows:
+        f = row.figures()
+        lines.append((LABELS[row.config], *(_fmt(f[key], d) for _, key, d in _COLUMNS)))
+    widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
+
+    def fmt(r: tuple[str, ...]) -> str:
+        nums = "  ".join(f"{v:>{w}}" for v, w in zip(r[1:], widths[1:], strict=True))
+        return f"{r[0]:<{widths[0]}}  {nums}"
+
+    out = [fmt(r) for r in lines]
+    return [out[0], "-" * len(out[0]), *out[1:]]
+
+
+def _ratios(rows: Sequence[_Row]) -> list[tuple[str, str, float | None, str]]:
+    """(key, what, value, target) for the summary under the table."""
+    f = {row.config: row.figures() for row in rows}
+    found = []
+    for key, what, (c1, k1), (c2, k2), aim in _RATIOS:
+        a, b = f.get(c1, {}).get(k1), f.get(c2, {}).get(k2)
+        found.append((key, what, a / b if a is not None and b else None, aim))
+    return found
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "cpu model") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _nproc() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _version(argv: Sequence[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    text = (done.stdout + done.stderr).strip().splitlines()
+    return text[0].strip() if text else "?"
+
+
+def _dist_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+# --- command line -----------------------------------------------------------
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        return value
+
+    return parse
+
+
+def _configs(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in names if t not in CONFIGS]
+    if unknown or not names:
+        given = ", ".join(unknown) or "(none given)"
+        raise argparse.ArgumentTypeError(
+            f"unknown config {given}; choose from {', '.join(CONFIGS)}"
+        )
+    return names
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bench/proxy.py",
+        description="Calls/s, latency and proxy CPU per call: lbgw, its floor, nginx, no proxy.",
+    )
+    p.add_argument(
+        "--runs",
+        type=_positive(int),
+        default=None,
+        help=f"interleaved runs per configuration; medians are shown (default {DEFAULT_RUNS})",
+    )
+    p.add_argument(
+        "--duration",
+        type=_positive(float),
+        default=None,
+        metavar="SECONDS",
+        help=f"measured seconds per run and kind (default {DEFAULT_DURATION:g})",
+    )
+    p.add_argument(
+        "--warmup",
+        type=_positive(float),
+        default=None,
+        metavar="SECONDS",
+        help=f"unmeasured load before each run (default {DEFAULT_WARMUP:g})",
+    )
+    p.add_argument("--concurrency", type=_positive(int), default=32, help="unary calls in flight")
+    p.add_argument("--stream-concurrency", type=_positive(int), default=8, help="streams in flight")
+    p.add_argument(
+        "--connections",
+        type=_positive(int),
+        default=8,
+        help="client connections (channels); several, so SO_REUSEPORT can spread them",
+    )
+    p.add_argument(
+        "--client-procs",
+        type=_positive(int),
+        default=1,
+        help="grpcio load generator processes (without h2load)",
+    )
+    p.add_argument("--payload", type=int, default=100, metavar="BYTES", help="unary request size")
+    p.add_argument("--stream-count", type=_positive(int), default=1000, help="messages per stream")
+    p.add_argument("--stream-size", type=int, default=100, metavar="BYTES", help="message size")
+    p.add_argument(
+        "--loadgen",
+        choices=("auto", "h2load", "grpcio"),
+        default="auto",
+        help="load generator: h2load when installed (auto), or bench/loadgen.py",
+    )
+    p.add_argument(
+        "--configs",
+        type=_configs,
+        default=list(CONFIGS),
+        help=f"comma list of configurations (default all found: {','.join(CONFIGS)})",
+    )
+    p.add_argument("--lbgw", default=None, metavar="PATH", help="the lbgw executable")
+    p.add_argument("--nginx", default=None, metavar="PATH", help="the nginx executable")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results here")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: {QUICK_RUNS} run of {QUICK_DURATION:g} s unless given otherwise",
+    )
+    return p
+
+
+def _start_targets(
+    args: argparse.Namespace, workdir: Path, procs: list[Proc], backend: str
+) -> tuple[list[Target], list[_Row]]:
+    """Start every configuration asked for and found; rows note those left out and why."""
+    targets: list[Target] = []
+    skipped: list[_Row] = []
+    for config in args.configs:
+        if config == "direct":
+            targets.append(Target(config, backend, None))
+        elif config == "floor":
+            proc = _start_floor(workdir, backend)
+            procs.append(proc)
+            try:
+                port = int(proc.first_line(START_TIMEOUT))
+            except (RuntimeError, ValueError) as exc:
+                skipped.append(_Row(config, note=f"did not start: {exc}", failed=True))
+                continue
+            targets.append(Target(config, f"127.0.0.1:{port}", proc, streams=False))
+        elif config in ("lbgw", "lbgw-w2"):
+            binary = _lbgw_binary(args.lbgw)
+            help_text = _lbgw_help(binary) if binary else None
+            if binary is None or help_text is None:
+                skipped.append(_Row(config, note="`lbgw serve --help` does not run: not measured"))
+                continue
+            port = free_port()
+            workers = 2 if config == "lbgw-w2" else 1
+            argv = _lbgw_argv(binary, help_text, port, backend, workers)
+            procs.append(Proc(config, argv, workdir))
+            targets.append(Target(config, f"127.0.0.1:{port}", procs[-1]))
+        elif config == "nginx":
+            binary = args.nginx or shutil.which("nginx")
+            if binary is None:
+                skipped.append(_Row(config, note="nginx is not on PATH: not measured"))
+                continue
+            inflight = max(args.concurrency, args.stream_concurrency)
+            proc, port = _start_nginx(workdir, binary, backend, inflight)
+            procs.append(proc)
+            targets.append(Target(config, f"127.0.0.1:{port}", proc))
+    ready: list[Target] = []
+    for target in targets:
+        why = _probe(target, args, workdir)
+        if why.startswith("stream:"):
+            target.streams, target.note = False, why
+            why = ""
+        if why:
+            tail = f"; {target.proxy.stderr_tail()}" if target.proxy else ""
+            skipped.append(_Row(target.config, note=f"not ready: {why}{tail}", failed=True))
+            continue
+        ready.append(target)
+    return ready, skipped
+
+
+def _measure(args: argparse.Namespace, h2load: str | None) -> list[_Row]:
+    """Start everything, run each configuration ``args.runs`` times interleaved, stop all."""
+    load = Load(
+        concurrency=args.concurrency,
+        stream_concurrency=args.stream_concurrency,
+        connections=args.connections,
+        client_procs=args.client_procs,
+        payload=args.payload,
+        stream_size=args.stream_size,
+        warmup=args.warmup,
+        duration=args.duration,
+    )
+    procs: list[Proc] = []
+    with tempfile.TemporaryDirectory(prefix="lbgw-bench-") as tmp, stopping(procs):
+        workdir = Path(tmp)
+        backend_proc, backend = _start_backend(workdir, args)
+        procs.append(backend_proc)
+        driver = Driver(load, workdir, backend_proc, h2load)
+        targets, skipped = _start_targets(args, workdir, procs, backend)
+        rows = {t.config: _Row(t.config, note=t.note) for t in targets}
+        windows = args.runs * sum(1 + t.streams for t in targets)
+        _progress(
+            f"{len(targets)} configurations ({', '.join(rows)}), {args.runs} run(s), "
+            f"load by {'h2load' if h2load else 'grpcio'}, "
+            f"about {windows * (args.duration + args.warmup + 0.5):.0f} s"
+        )
+        for r in range(args.runs):
+            for target in targets:
+                row = rows[target.config]
+                for kind in ("unary", "stream") if target.streams else ("unary",):
+                    sample = driver.measure(target, kind)
+                    (row.unary if kind == "unary" else row.stream).append(sample)
+                    _progress(f"  run {r + 1}/{args.runs} {target.config:<8} {kind:<6} {sample}")
+    return [rows.get(c) or next(r for r in skipped if r.config == c) for c in args.configs]
+
+
+def _machine(args: argparse.Namespace, h2load: str | None) -> dict[str, object]:
+    impl = sys.implementation.name
+    return {
+        "nproc": _nproc(),
+        "cpu": _cpu_model(),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "python": f"{ {'cpython': 'CPython'}.get(impl, impl) } {platform.python_version()}",
+        "platform": platform.platform(),
+        "grpcio": _dist_version("grpcio"),
+        "lbgw": _dist_version("lbgw"),
+        "h2load": _version([h2load, "--version"]) if h2load else "not used",
+        "nginx": _version([args.nginx or shutil.which("nginx") or "nginx", "-v"]),
+    }
+
+
+def _report(args: argparse.Namespace, machine: dict[str, object], rows: Sequence[_Row]) -> None:
+    h2load = machine["h2load"]
+    loadgen = f"h2load ({h2load})" if h2load != "not used" else "grpcio (bench/loadgen.py)"
+    print(
+        f"# lbgw proxy benchmark: nproc {machine['nproc']}, {machine['cpu']}, "
+        f"{machine['python']}, grpcio {machine['grpcio']}, lbgw {machine['lbgw']}, "
+        f"{machine['platform']}, load average before {machine['loadavg']}"
+    )
+    print(
+        f"# load: {loadgen}, {args.concurrency} unary calls in flight on "
+        f"{args.connections} connections, {args.payload} B requests; "
+        f"{args.stream_concurrency} streams of {args.stream_count} x {args.stream_size} B"
+    )
+    print(
+        f"# medians of {args.runs} interleaved run(s) of {args.duration:g} s, each after "
+        f"{args.warmup:g} s of warm-up; CPU = the proxy's utime+stime over its process tree"
+    )
+    for line in _table(rows):
+        print(line)
+    for row in rows:
+        notes = [row.note] if row.note else []
+        splits = [s.cpu_split for s in row.unary if s.cpu_split]
+        if splits:
+            notes.append("CPU split over processes per run: " + ", ".join(map(_split, splits)))
+        errors = [s.error for s in (*row.unary, *row.stream) if s.error]
+        if errors:
+            notes.append(f"{len(errors)} run(s) with errors, first: {errors[0]}")
+        if notes:
+            print(f"# {LABELS[row.config]}: {'; '.join(notes)}")
+    print(
+        "# cores = the proxy's CPU seconds per second; backend µs/call = the echo server's CPU "
+        "per call, for scale"
+    )
+    ratios = _ratios(rows)
+    print("# summary (ratios of the medians above):")
+    width = max(len(what) for _, what, _, _ in ratios)
+    for _, what, value, aim in ratios:
+        shown = "-" if value is None else f"{value:.2f}x"
+        print(f"#   {what:<{width}}  {shown:>6}  ({aim})")
+    if _nproc() <= 2:
+        print(
+            f"# note: {_nproc()} cores run the backend, the proxy and the load generator "
+            "together, so a second worker has little idle CPU to use here"
+        )
+
+
+def _write_json(
+    path: Path, args: argparse.Namespace, machine: dict[str, object], rows: Sequence[_Row]
+) -> None:
+    skip = ("json", "lbgw", "nginx", "quick")
+    result = {
+        "machine": machine,
+        "settings": {k: v for k, v in vars(args).items() if k not in skip}
+        | {"loadgen": "grpcio" if machine["h2load"] == "not used" else "h2load"},
+        "rows": [
+            {"config": row.config, "label": LABELS[row.config], "note": row.note}
+            | row.figures()
+            | {
+                "unary_runs": [asdict(s) for s in row.unary],
+                "stream_runs": [asdict(s) for s in row.stream],
+            }
+            for row in rows
+        ],
+        "ratios": {key: value for key, _, value, _ in _ratios(rows)},
+    }
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    _progress(f"wrote {len(rows)} rows to {path}")
+
+
+def _split(shares: Sequence[float]) -> str:
+    return "/".join(f"{s:.0f}" for s in shares) + "%"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    args.runs = int(args.runs or (QUICK_RUNS if args.quick else DEFAULT_RUNS))
+    args.duration = float(args.duration or (QUICK_DURATION if args.quick else DEFAULT_DURATION))
+    args.warmup = float(args.warmup or (QUICK_WARMUP if args.quick else DEFAULT_WARMUP))
+    h2load = shutil.which("h2load") if args.loadgen in ("auto", "h2load") else None
+    if args.loadgen == "h2load" and h2load is None:
+        _progress("h2load is not on PATH (apt-get install nghttp2-client)")
+        return 2
+
+    # SIGTERM unwinds like Ctrl-C, so every process started here is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    started = time.perf_counter()
+    machine = _machine(args, h2load)
+    try:
+        rows = _measure(args, h2load)
+    except RuntimeError as exc:  # the backend did not start: nothing to measure
+        _progress(f"bench/proxy.py: {exc}")
+        return 1
+    _report(args, machine, rows)
+    if args.json is not None:
+        _write_json(args.json, args, machine, rows)
+    _progress(f"done in {time.perf_counter() - started:.1f} s")
+    failed = [r.config for r in rows if r.failed or any(not s.ok for s in (*r.unary, *r.stream))]
+    if failed:
+        _progress(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
