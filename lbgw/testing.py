@@ -33,6 +33,7 @@ class Seen:
 
     calls: int = 0
     cancelled: int = 0
+    completed: int = 0  # calls whose handler ran to its end
     metadata: list[tuple[tuple[str, str | bytes], ...]] = field(default_factory=list)
     time_remaining: list[float | None] = field(default_factory=list)
     sent: int = 0  # stream replies written so far
@@ -57,19 +58,37 @@ class EchoBackend(echo_pb2_grpc.EchoServicer):
     def _call(self, context: _Context) -> Iterator[None]:
         """Record a call; count it as cancelled if gRPC cancels its handler.
 
-        (grpc.aio cancels the handler's task on a client cancel or an
-        expired deadline; ``context.cancelled()`` does not say so.)
+        grpc.aio cancels the handler's task on a client cancel or an expired
+        deadline (``context.cancelled()`` does not say so, grpc/grpc#36193).
+        A streaming handler paused at ``yield`` may never see the
+        ``CancelledError``, so the context's done callback also looks at the
+        task.
         """
         self.seen.calls += 1
         md = tuple((k, v) for k, v in context.invocation_metadata() or ())
         self.seen.metadata.append(md)
         self.seen.time_remaining.append(context.time_remaining())
+        task = asyncio.current_task()
+        marked = False
+
+        def mark() -> None:
+            nonlocal marked
+            if not marked:
+                marked = True
+                self.seen.cancelled += 1
+                self.cancel_seen.set()
+
+        def on_done(_: _Context) -> None:
+            if task is not None and (task.cancelling() or task.cancelled()):
+                mark()
+
+        context.add_done_callback(on_done)  # type: ignore[arg-type]  # stubs want a Call
         try:
             yield
         except asyncio.CancelledError:
-            self.seen.cancelled += 1
-            self.cancel_seen.set()
+            mark()
             raise
+        self.seen.completed += 1
 
     def _reply(self, request: echo_pb2.EchoRequest, index: int) -> echo_pb2.EchoResponse:
         payload = b"x" * request.response_size if request.response_size else request.payload
