@@ -23,12 +23,15 @@ a buffer in lbgw.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import grpc
 from grpc import aio
+from grpc._cython import cygrpc  # type: ignore[attr-defined]  # see _send
 
 from lbgw.backends import Backend
 from lbgw.balancer import Balancer
@@ -42,6 +45,8 @@ from lbgw.exceptions import (
 from lbgw.routing import Router
 
 __all__ = ["Cluster", "Proxy", "forwarded_metadata"]
+
+log = logging.getLogger("lbgw.proxy")
 
 #: Request metadata that belongs to one hop (HTTP/1 connection headers, which
 #: HTTP/2 forbids anyway, and transport headers that gRPC sets itself).
@@ -129,19 +134,27 @@ class Proxy(grpc.GenericRpcHandler):
         channels = [b.channel for b in cluster.backends]
         if kind is MethodKind.UNARY:
             return grpc.unary_unary_rpc_method_handler(
-                _unary_response(cluster, [c.unary_unary(method) for c in channels])
+                _unary_response(
+                    cluster, [c.unary_unary(method) for c in channels], streaming_request=False
+                )
             )
         if kind is MethodKind.CLIENT_STREAMING:
             return grpc.stream_unary_rpc_method_handler(
-                _unary_response(cluster, [c.stream_unary(method) for c in channels])
+                _unary_response(
+                    cluster, [c.stream_unary(method) for c in channels], streaming_request=True
+                )
             )
         if kind is MethodKind.SERVER_STREAMING:
             return grpc.unary_stream_rpc_method_handler(
-                _stream_response(cluster, [c.unary_stream(method) for c in channels])
+                _stream_response(
+                    cluster, [c.unary_stream(method) for c in channels], streaming_request=False
+                )
             )
         # Bidi, or a kind lbgw does not know: stream_stream forwards any kind.
         return grpc.stream_stream_rpc_method_handler(
-            _stream_response(cluster, [c.stream_stream(method) for c in channels])
+            _stream_response(
+                cluster, [c.stream_stream(method) for c in channels], streaming_request=True
+            )
         )
 
 
@@ -189,8 +202,74 @@ def _observed(error: aio.AioRpcError, backend: Backend) -> bool:
     return code is not grpc.StatusCode.UNAVAILABLE or not backend.unreachable()
 
 
+async def _send(call: Any, message: bytes) -> bool:
+    """Send one request message to the backend; False once the call has ended.
+
+    Not ``call.write()``: when a send fails because the backend has already
+    ended the call (an early status, such as UNIMPLEMENTED or an
+    interceptor's refusal), grpc.aio's ``_write`` replaces the status the
+    backend sent with INTERNAL "Internal error from Core" (grpc/grpc#36066).
+    Sending through the call's core object and letting the failure go keeps
+    the backend's own status, which the response side then relays.
+    """
+    try:
+        await call._cython_call.send_serialized_message(message)
+    except cygrpc.InternalError:
+        return False
+    return True
+
+
+async def _feed(call: Any, requests: AsyncIterator[bytes], handler: asyncio.Task[Any]) -> None:
+    """Copy the client's request stream to the backend call, one message at a time.
+
+    Each message is read from the client only after the previous one was
+    sent on, so gRPC's flow control holds a fast client back. At the end of
+    the client's stream the backend call is half-closed, unless the client
+    cancelled: grpc.aio's server ends the request stream the same way for
+    both, and the cancel reaches the handler's task a moment later, so the
+    feeder yields once and looks before half-closing. (A cancel that comes
+    later still cancels the backend call, from the handler's ``finally``.)
+    """
+    try:
+        await call.wait_for_connection()
+        async for message in requests:
+            if call.done() or not await _send(call, message):
+                return
+        await asyncio.sleep(0)
+        if not handler.cancelling() and not call.done():
+            await call.done_writing()
+    except aio.AioRpcError:
+        return  # the call has ended; its status says why, on the response side
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # reading the client failed: the backend must not see a clean end
+        log.debug("request stream failed", exc_info=True)
+        call.cancel()
+
+
+def _start(
+    multicallable: Any, request: Any, context: _Context, streaming_request: bool
+) -> tuple[Any, asyncio.Task[None] | None]:
+    """Start the backend call, and for a request stream the task that feeds it."""
+    metadata = forwarded_metadata(context.invocation_metadata())
+    timeout = context.time_remaining()
+    if not streaming_request:
+        return multicallable(request, metadata=metadata, timeout=timeout), None
+    call = multicallable(metadata=metadata, timeout=timeout)
+    handler = asyncio.current_task()
+    assert handler is not None  # grpc.aio runs every handler in a task
+    return call, asyncio.ensure_future(_feed(call, request, handler))
+
+
+def _end(call: Any, feeder: asyncio.Task[None] | None) -> None:
+    if feeder is not None and not feeder.done():
+        feeder.cancel()
+    if call is not None and not call.done():
+        call.cancel()
+
+
 def _unary_response(
-    cluster: Cluster, calls: Sequence[Any]
+    cluster: Cluster, calls: Sequence[Any], *, streaming_request: bool
 ) -> Callable[[Any, _Context], Awaitable[bytes | None]]:
     """The forwarder for unary and client-streaming methods (one response)."""
     balancer = cluster.balancer
@@ -205,13 +284,16 @@ def _unary_response(
             await context.abort(exc.code, str(exc))
         start = clock()
         latency: int | None = None
-        call = None
+        call = feeder = None
         try:
-            call = calls[i](
-                request,
-                metadata=forwarded_metadata(context.invocation_metadata()),
-                timeout=context.time_remaining(),
-            )
+            if streaming_request:
+                call, feeder = _start(calls[i], request, context, True)
+            else:  # the fast path, inline
+                call = calls[i](
+                    request,
+                    metadata=forwarded_metadata(context.invocation_metadata()),
+                    timeout=context.time_remaining(),
+                )
             response: bytes = await call
             latency = clock() - start
             initial = await call.initial_metadata()
@@ -227,15 +309,14 @@ def _unary_response(
             await _relay_error(context, error, cluster, backends[i], initial_sent=False)
             return None
         finally:
-            if call is not None and not call.done():
-                call.cancel()
+            _end(call, feeder)
             done(i, start, latency)
 
     return forward
 
 
 def _stream_response(
-    cluster: Cluster, calls: Sequence[Any]
+    cluster: Cluster, calls: Sequence[Any], *, streaming_request: bool
 ) -> Callable[[Any, _Context], Awaitable[None]]:
     """The forwarder for server-streaming and bidi methods, and unknown kinds.
 
@@ -257,13 +338,9 @@ def _stream_response(
         headers = 0  # when the backend's response headers came
         latency: int | None = None
         initial_sent = False
-        call = None
+        call = feeder = None
         try:
-            call = calls[i](
-                request,
-                metadata=forwarded_metadata(context.invocation_metadata()),
-                timeout=context.time_remaining(),
-            )
+            call, feeder = _start(calls[i], request, context, streaming_request)
             initial = await call.initial_metadata()
             headers = clock()
             if initial:
@@ -281,8 +358,7 @@ def _stream_response(
                 latency = (headers or clock()) - start
             await _relay_error(context, error, cluster, backends[i], initial_sent=initial_sent)
         finally:
-            if call is not None and not call.done():
-                call.cancel()
+            _end(call, feeder)
             done(i, start, latency)
 
     return forward

@@ -11,6 +11,7 @@ import asyncio
 import collections
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
@@ -18,8 +19,10 @@ from grpc import aio
 
 from lbgw.config import MethodKind
 from lbgw.pb import echo_pb2_grpc
+from lbgw.proxy import _send
 from lbgw.server import Gateway
 from lbgw.testing import EchoBackend, echo_registrar, serve
+from tests.integration.h2wire import frame_relay
 from tests.integration.support import (
     ALL_KINDS,
     UNARY,
@@ -369,3 +372,72 @@ async def test_a_client_that_vanishes_mid_stream_cancels_the_backend_call() -> N
         async with asyncio.timeout(5):
             await backend.cancel_seen.wait()
         assert await settle(gateway) == [0]
+
+
+@KINDS
+async def test_a_client_cancel_mid_upload_reaches_the_backend_as_a_cancel_not_an_end(
+    methods: dict[str, str],
+) -> None:
+    # grpc.aio's server ends a request stream alike for a half-close and a
+    # cancel, so what lbgw sends the backend is read off the wire itself.
+    backend = EchoBackend("a")
+    async with (
+        echo_backends(backend) as (addr,),
+        frame_relay(addr) as (relay, events),
+        through(config([relay], methods=methods)) as t,
+    ):
+        for _ in range(10):
+            queue: asyncio.Queue[object] = asyncio.Queue()
+
+            async def feed(q: asyncio.Queue[object] = queue) -> AsyncIterator[object]:
+                while (item := await q.get()) is not None:
+                    yield item
+
+            call = t.stub.ClientStream(feed(), timeout=10)
+            for n in range(3):
+                await queue.put(request(message=str(n), delay_ms=200))
+            await asyncio.sleep(0.05)
+            call.cancel()
+            await asyncio.sleep(0.05)
+        reply = await t.stub.ClientStream(_requests(3), timeout=10)  # a normal end
+        assert reply.index == 3
+        assert await settle(t.gateway) == [0]
+    endings = [events[stream] for stream in sorted(events)]
+    assert endings == [["RST_STREAM"]] * 10 + [["END_STREAM"]], endings
+
+
+class _Refuser(grpc.GenericRpcHandler):
+    """A backend that refuses every call before reading it, as an auth check would."""
+
+    def service(self, details: grpc.HandlerCallDetails) -> Any:
+        async def refuse(requests: Any, context: Any) -> None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no entry")
+
+        return grpc.stream_stream_rpc_method_handler(refuse)
+
+
+@KINDS
+async def test_a_status_sent_before_the_request_stream_is_read_passes_through(
+    methods: dict[str, str],
+) -> None:
+    # grpc.aio's own request writer turns this into INTERNAL "Internal error
+    # from Core" now and then (grpc/grpc#36066). The test's client writes the
+    # way lbgw does (proxy._send), so that lbgw's writer is the one on trial.
+    message = request(payload=b"p" * 1000).SerializeToString()
+    async with (
+        serve(lambda s: s.add_generic_rpc_handlers((_Refuser(),))) as addr,
+        through(config([addr], methods=methods)) as t,
+    ):
+        upload: Any = t.channel.stream_unary("/lbgw.echo.v1.Echo/ClientStream")
+        for _ in range(40):
+            call = upload()
+            with pytest.raises(aio.AioRpcError) as info:
+                await call.wait_for_connection()
+                for _ in range(50):
+                    if not await _send(call, message):
+                        break
+                await call.done_writing()
+                await call
+            assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED, info.value
+            assert info.value.details() == "no entry"
+        assert await settle(t.gateway) == [0]
