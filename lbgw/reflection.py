@@ -50,6 +50,8 @@ async def _ask(
     )
     call = rpc(iter((request,)), timeout=timeout)
     async for response in call:
+        if response is None:  # grpc.aio yields None for a reply it could not decode
+            raise LookupError("the reflection service sent an undecodable response")
         return response
     raise LookupError("the reflection service sent no response")
 
@@ -93,23 +95,34 @@ async def _kinds_from(channel: aio.Channel, timeout: float) -> dict[str, MethodK
 async def discover_kinds(
     cluster: str, addresses: Sequence[str], channels: Sequence[aio.Channel], timeout: float = 5.0
 ) -> dict[str, MethodKind]:
-    """Method kinds from the first endpoint that answers reflection; {} if none does."""
+    """Method kinds from the first endpoint that answers reflection; {} if none does.
+
+    ``timeout`` bounds the whole discovery, however many endpoints are asked,
+    so a cluster of endpoints that accept connections but never answer
+    cannot hold start-up for long.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     for address, channel in zip(addresses, channels, strict=True):
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            break
         try:
-            async with asyncio.timeout(timeout):
-                kinds = await _kinds_from(channel, timeout)
-        except (aio.AioRpcError, LookupError, TimeoutError, ValueError) as exc:
-            reason = exc.code().name if isinstance(exc, aio.AioRpcError) else repr(exc)
-            log.warning(
-                "reflection failed",
-                extra=fields(cluster=cluster, endpoint=address, reason=reason),
+            async with asyncio.timeout(remaining):
+                kinds = await _kinds_from(channel, remaining)
+        except aio.AioRpcError as exc:
+            reason = f"{exc.code().name}: {exc.details()}"
+        except Exception as exc:  # a timeout, a garbled reply: reflection is best effort
+            reason = repr(exc)
+        else:
+            log.info(
+                "reflection",
+                extra=fields(cluster=cluster, endpoint=address, methods=len(kinds)),
             )
-            continue
-        log.info(
-            "reflection",
-            extra=fields(cluster=cluster, endpoint=address, methods=len(kinds)),
+            return kinds
+        log.warning(
+            "reflection failed", extra=fields(cluster=cluster, endpoint=address, reason=reason)
         )
-        return kinds
     log.warning(
         "no method kinds from reflection; methods not in config are forwarded as stream_stream",
         extra=fields(cluster=cluster),

@@ -59,7 +59,7 @@ class Gateway:
         self.addresses: list[str] = []
 
     def __repr__(self) -> str:
-        state = "serving" if self._server is not None else "stopped"
+        state = "serving" if self.addresses and self._server is not None else "stopped"
         return f"<Gateway {state} {', '.join(self.addresses) or '-'} clusters={len(self.clusters)}>"
 
     async def __aenter__(self) -> Gateway:
@@ -75,6 +75,14 @@ class Gateway:
         await self.stop(0)
 
     async def start(self) -> None:
+        """Connect, learn method kinds, bind and serve; on any failure, undo it all."""
+        try:
+            await self._start()
+        except BaseException:  # a bind failure, or a cancel (SIGTERM) during start-up
+            await self.stop(0)
+            raise
+
+    async def _start(self) -> None:
         config = self.config
         for cc in config.clusters:
             options = channel_options(cc, config.limits)
@@ -91,17 +99,16 @@ class Gateway:
             self.clusters[cc.name] = Cluster(Balancer(cc), backends, kinds)
 
         server = aio.server(options=server_options(config, reuse_port=self._reuse_port))
+        self._server = server
         server.add_generic_rpc_handlers((Proxy(Router(config.routes, self.clusters)),))
         for listener in config.listeners:
             try:
                 port = server.add_insecure_port(listener.address)
             except RuntimeError as exc:  # grpcio raises when it cannot bind
-                await self._close_backends()
                 raise StartError(f"cannot listen on {listener.address}: {exc}") from exc
             host, _ = parse_address(listener.address)
             self.addresses.append(f"{host}:{port}")
         await server.start()
-        self._server = server
         for address in self.addresses:
             log.info("listening", extra=fields(address=address))
         for cluster in self.clusters.values():
