@@ -24,6 +24,7 @@ a buffer in lbgw.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -69,8 +70,7 @@ HOP_BY_HOP: Final = frozenset(
 #: Prefixes reserved to gRPC and HTTP/2: gRPC sets these per hop itself.
 RESERVED_PREFIXES: Final = ("grpc-", ":")
 
-# Handlers are cached per method. A client can name any method, so the cache
-# is bounded: past this many methods, a handler is built for each call.
+# Handlers of methods of unknown kind kept, most recently used first.
 _MAX_CACHED_HANDLERS: Final = 4096
 
 _Metadata: TypeAlias = Iterable[tuple[str, str | bytes]]
@@ -107,29 +107,51 @@ class Cluster:
 
 
 class Proxy(grpc.GenericRpcHandler):
-    """Routes every method to a cluster and forwards it as raw bytes."""
+    """Routes every method to a cluster and forwards it as raw bytes.
 
-    def __init__(self, router: Router[Cluster]) -> None:
+    Handlers for the methods whose kind is known are built up front and
+    kept. Others are built on first use and kept in a bounded LRU cache, so
+    a client that invents method names cannot evict the known ones or grow
+    lbgw's memory; calls with no route get a reject handler, never cached.
+    """
+
+    def __init__(self, router: Router[Cluster], clusters: Iterable[Cluster]) -> None:
         self._router = router
-        self._handlers: dict[str, _Handler] = {}
+        self._known: dict[str, _Handler] = {}
+        self._recent: collections.OrderedDict[str, _Handler] = collections.OrderedDict()
+        for cluster in clusters:
+            for method in cluster.kinds:
+                if router.match(method) is cluster:
+                    self._known[method] = self._build(cluster, method)
 
     def __repr__(self) -> str:
-        return f"<Proxy methods={len(self._handlers)}>"
+        return f"<Proxy known={len(self._known)} recent={len(self._recent)}>"
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> _Handler | None:
         method: str = handler_call_details.method
-        handler = self._handlers.get(method)
-        if handler is None:
-            handler = self.handler(method)
-            if len(self._handlers) < _MAX_CACHED_HANDLERS:
-                self._handlers[method] = handler
-        return handler
+        handler = self._known.get(method)
+        if handler is not None:
+            return handler
+        recent = self._recent
+        handler = recent.get(method)
+        if handler is not None:
+            recent.move_to_end(method)
+            return handler
+        return self.handler(method)
 
     def handler(self, method: str) -> _Handler:
-        """Build the handler for ``method``: its route, its kind, its multicallables."""
+        """The handler for ``method``: its route, its kind, its multicallables."""
         cluster = self._router.match(method)
         if cluster is None:
             return grpc.stream_stream_rpc_method_handler(_reject(NoRouteError(method)))
+        handler = self._build(cluster, method)
+        self._recent[method] = handler
+        if len(self._recent) > _MAX_CACHED_HANDLERS:
+            self._recent.popitem(last=False)
+        return handler
+
+    @staticmethod
+    def _build(cluster: Cluster, method: str) -> _Handler:
         kind = cluster.kinds.get(method)
         channels = [b.channel for b in cluster.backends]
         if kind is MethodKind.UNARY:

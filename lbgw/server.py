@@ -100,7 +100,8 @@ class Gateway:
 
         server = aio.server(options=server_options(config, reuse_port=self._reuse_port))
         self._server = server
-        server.add_generic_rpc_handlers((Proxy(Router(config.routes, self.clusters)),))
+        router = Router(config.routes, self.clusters)
+        server.add_generic_rpc_handlers((Proxy(router, self.clusters.values()),))
         for listener in config.listeners:
             try:
                 port = server.add_insecure_port(listener.address)
