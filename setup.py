@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from Cython.Build import cythonize
+from grpc_tools import protoc  # a build requirement (pyproject.toml)
 from setuptools import Extension, setup
 
 
@@ -45,8 +46,6 @@ extensions = [
 
 
 def generate_protos() -> None:
-    from grpc_tools import protoc  # a build requirement (pyproject.toml)
-
     root = Path(__file__).resolve().parent
     protos = root / "protos"
     sources = sorted(str(p.relative_to(protos)) for p in (protos / "lbgw" / "pb").rglob("*.proto"))
