@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
 import logging
 import math
 import os
@@ -43,6 +45,7 @@ log = logging.getLogger("lbgw.cli")
 # A worker process learns its role and its (already resolved) listeners here.
 _WORKER_ENV: Final = "LBGW_WORKER"
 _WORKER_LISTENERS_ENV: Final = "LBGW_WORKER_LISTENERS"
+_WORKER_PARENT_ENV: Final = "LBGW_WORKER_PARENT"
 EXIT_CONFIG: Final = 2
 
 
@@ -188,17 +191,39 @@ def _serve_config(args: argparse.Namespace) -> Config:
     return replace(config, log=log_config, **changes)
 
 
+# A SIGTERM or SIGINT that arrives before the event loop takes the signals
+# over (while lbgw imports and reads its config) is remembered here.
+_early_stop = False
+
+
+def _remember_stop(signum: int, frame: object) -> None:
+    global _early_stop  # noqa: PLW0603 - set from a signal handler
+    _early_stop = True
+
+
 async def _run_gateway(config: Config, *, reuse_port: bool) -> int:
     from lbgw.server import Gateway  # noqa: PLC0415 - keep `check-config` light
 
-    gateway = Gateway(config, reuse_port=reuse_port)
-    await gateway.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    waiter = asyncio.ensure_future(gateway.wait())
+    if _early_stop:
+        stop.set()
+    gateway = Gateway(config, reuse_port=reuse_port)
     stopper = asyncio.ensure_future(stop.wait())
+    starting = asyncio.ensure_future(gateway.start())
+    await asyncio.wait((starting, stopper), return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():  # stopped while starting: nothing is served yet
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        log.info("stopped before serving")
+        return 0
+    if starting.exception() is not None:
+        stopper.cancel()
+    starting.result()  # raises StartError (exit 1) if the gateway could not start
+    waiter = asyncio.ensure_future(gateway.wait())
     await asyncio.wait((waiter, stopper), return_when=asyncio.FIRST_COMPLETED)
     log.info("draining", extra=fields(grace_period=config.grace_period))
     await gateway.stop(config.grace_period)
@@ -206,6 +231,15 @@ async def _run_gateway(config: Config, *, reuse_port: bool) -> int:
     stopper.cancel()
     log.info("stopped")
     return 0
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel SIGTERM this worker if its supervisor dies (Linux prctl)."""
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _reserve_ports(config: Config) -> tuple[list[str], list[socket.socket]]:
@@ -227,10 +261,7 @@ def _reserve_ports(config: Config) -> tuple[list[str], list[socket.socket]]:
 
 
 def _supervise(config: Config, argv: Sequence[str]) -> int:
-    addresses, holders = _reserve_ports(config)
-    env = dict(os.environ, **{_WORKER_LISTENERS_ENV: ",".join(addresses)})
-    workers: list[subprocess.Popen[bytes]] = []
-    stopping = False
+    stopping = _early_stop
 
     def on_signal(signum: int, frame: object) -> None:
         nonlocal stopping
@@ -238,6 +269,10 @@ def _supervise(config: Config, argv: Sequence[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    addresses, holders = _reserve_ports(config)
+    env = dict(os.environ, **{_WORKER_LISTENERS_ENV: ",".join(addresses)})
+    env[_WORKER_PARENT_ENV] = str(os.getpid())
+    workers: list[subprocess.Popen[bytes]] = []
     for n in range(config.workers):
         env[_WORKER_ENV] = str(n)
         workers.append(subprocess.Popen([sys.executable, "-m", "lbgw", *argv], env=dict(env)))
@@ -264,7 +299,9 @@ def _supervise(config: Config, argv: Sequence[str]) -> int:
                 log.error("worker did not stop; killing it", extra=fields(pid=w.pid))
                 w.kill()
                 code = w.wait()
-            if code != 0:
+            # A worker stopped by SIGTERM before it could take the signal
+            # over was not serving yet: that is a clean stop too.
+            if code not in (0, -signal.SIGTERM) or (code != 0 and not stopping):
                 status = 1
         for holder in holders:
             holder.close()
@@ -277,6 +314,7 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     configure(config.log.level, config.log.format)
     worker = os.environ.get(_WORKER_ENV)
     if worker is not None:
+        _die_with(int(os.environ[_WORKER_PARENT_ENV]))
         listeners = os.environ[_WORKER_LISTENERS_ENV].split(",")
         config = replace(config, listeners=tuple(ListenerConfig(a) for a in listeners))
         return asyncio.run(_run_gateway(config, reuse_port=True))
@@ -302,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":
+            signal.signal(signal.SIGTERM, _remember_stop)
+            signal.signal(signal.SIGINT, _remember_stop)
             return _serve(args, argv)
         if args.command == "check-config":
             return _check_config(args)

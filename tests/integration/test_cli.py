@@ -10,6 +10,7 @@ import asyncio
 import collections
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -121,3 +122,99 @@ def test_demo_runs_the_gateway_before_two_backends_and_calls_it() -> None:
     answers = [line for line in result.stdout.splitlines() if "answered by" in line]
     assert len(answers) == 8
     assert sum("backend-2" in line for line in answers) == 6  # weight 3 of 4
+
+
+async def _black_hole() -> tuple[asyncio.AbstractServer, str]:
+    """A TCP server that accepts connections and never answers: a hung backend."""
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the peer goes away
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    return server, f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_sigterm_while_starting_exits_0(workers: str) -> None:
+    # Reflection against a backend that never answers holds start-up for up
+    # to 5 s; a SIGTERM then must still be a clean, quick stop.
+    server, hole = await _black_hole()
+    async with server:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "lbgw",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--backend",
+                hole,
+                "--reflection",
+                "--workers",
+                workers,
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            await asyncio.sleep(1.0)
+            assert process.poll() is None
+            process.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(process.wait, 15)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(5)
+        assert code == 0, process.stderr.read() if process.stderr else ""
+
+
+def test_a_port_in_use_exits_1_naming_the_address() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lbgw",
+                "serve",
+                "--listen",
+                address,
+                "--backend",
+                "127.0.0.1:1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on {address}" in result.stderr
+
+
+async def test_workers_stop_when_their_supervisor_is_killed() -> None:
+    a = EchoBackend("a")
+    async with echo_backends(a) as (addr,):
+        with lbgw_process("--listen", "127.0.0.1:0", "--backend", addr, "--workers", "2") as lbgw:
+            async with asyncio.timeout(10):
+                while len([e for e in lbgw.lines if e["event"] == "listening"]) < 2:
+                    await asyncio.sleep(0.05)
+            workers = next(e for e in lbgw.lines if e["event"] == "workers")["pids"]
+            lbgw.process.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(lbgw.process.wait, 10)
+            async with asyncio.timeout(15):
+                while any(_alive(pid) for pid in workers):
+                    await asyncio.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by init) counts as gone.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split(") ", 1)[1][0] != "Z"
