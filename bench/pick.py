@@ -45,6 +45,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from args import positive
+
 from lbgw import _fastpick, picking
 from lbgw._typing import Kernel, KernelModule
 
@@ -311,16 +313,6 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
-def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-        return value
-
-    return parse
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bench/pick.py",
@@ -328,13 +320,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--repeats",
-        type=_positive(int),
+        type=positive(int),
         default=None,
         help=f"timed repeats per cell; the median is reported (default {DEFAULT_REPEATS})",
     )
     p.add_argument(
         "--min-time",
-        type=_positive(float),
+        type=positive(float),
         default=None,
         metavar="SECONDS",
         help=f"about how long one repeat of one cell runs (default {DEFAULT_MIN_TIME})",

@@ -51,10 +51,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from args import positive
 from drive import SERVER_STREAM, SLACK, UNARY, Driver, Load, Sample, Target
 from procs import Proc, free_port, stopping
 
@@ -378,16 +379,6 @@ def _dist_version(name: str) -> str:
 # --- command line -----------------------------------------------------------
 
 
-def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-        return value
-
-    return parse
-
-
 def _configs(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in names if t not in CONFIGS]
@@ -406,40 +397,40 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--runs",
-        type=_positive(int),
+        type=positive(int),
         default=None,
         help=f"interleaved runs per configuration; medians are shown (default {DEFAULT_RUNS})",
     )
     p.add_argument(
         "--duration",
-        type=_positive(float),
+        type=positive(float),
         default=None,
         metavar="SECONDS",
         help=f"measured seconds per run and kind (default {DEFAULT_DURATION:g})",
     )
     p.add_argument(
         "--warmup",
-        type=_positive(float),
+        type=positive(float),
         default=None,
         metavar="SECONDS",
         help=f"unmeasured load before each run (default {DEFAULT_WARMUP:g})",
     )
-    p.add_argument("--concurrency", type=_positive(int), default=32, help="unary calls in flight")
-    p.add_argument("--stream-concurrency", type=_positive(int), default=8, help="streams in flight")
+    p.add_argument("--concurrency", type=positive(int), default=32, help="unary calls in flight")
+    p.add_argument("--stream-concurrency", type=positive(int), default=8, help="streams in flight")
     p.add_argument(
         "--connections",
-        type=_positive(int),
+        type=positive(int),
         default=8,
         help="client connections (channels); several, so SO_REUSEPORT can spread them",
     )
     p.add_argument(
         "--client-procs",
-        type=_positive(int),
+        type=positive(int),
         default=1,
         help="grpcio load generator processes (without h2load)",
     )
     p.add_argument("--payload", type=int, default=100, metavar="BYTES", help="unary request size")
-    p.add_argument("--stream-count", type=_positive(int), default=1000, help="messages per stream")
+    p.add_argument("--stream-count", type=positive(int), default=1000, help="messages per stream")
     p.add_argument("--stream-size", type=int, default=100, metavar="BYTES", help="message size")
     p.add_argument(
         "--loadgen",
