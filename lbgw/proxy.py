@@ -1,6 +1,7 @@
 """The forwarding path: one ``grpc.GenericRpcHandler`` that passes raw bytes through.
 
-For each method, ``Proxy.service`` builds a handler once and caches it:
+For each method, ``Proxy`` builds a handler once (up front for the methods
+whose kind is known, on first use for the others) and keeps it:
 
 * the route gives the cluster (``routing.Router``); no route: the call gets
   ``UNIMPLEMENTED`` naming the method;
@@ -70,7 +71,7 @@ HOP_BY_HOP: Final = frozenset(
 #: Prefixes reserved to gRPC and HTTP/2: gRPC sets these per hop itself.
 RESERVED_PREFIXES: Final = ("grpc-", ":")
 
-# Handlers of methods of unknown kind kept, most recently used first.
+# How many handlers of methods outside the known kinds are kept (an LRU).
 _MAX_CACHED_HANDLERS: Final = 4096
 
 _Metadata: TypeAlias = Iterable[tuple[str, str | bytes]]
@@ -232,7 +233,9 @@ async def _send(call: Any, message: bytes) -> bool:
     interceptor's refusal), grpc.aio's ``_write`` replaces the status the
     backend sent with INTERNAL "Internal error from Core" (grpc/grpc#36066).
     Sending through the call's core object and letting the failure go keeps
-    the backend's own status, which the response side then relays.
+    the backend's own status, which the response side then relays. The core
+    object is grpc.aio's private ``_cython_call``: the integration tests of
+    request streams (every one of them) fail if a grpcio release changes it.
     """
     try:
         await call._cython_call.send_serialized_message(message)
