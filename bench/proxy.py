@@ -92,7 +92,72 @@ def _python() -> list[str]:
     return [sys.executable, "-u"]
 
 
+_NGINX_BACKEND_CONF = """\
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 600s;
+    server {{
+        listen 127.0.0.1:{port} http2;
+        root {prefix}/www;
+        # A gRPC call is a POST, which nginx's static files refuse with 405;
+        # the error page turns that into a GET of the canned reply.
+        location ~ ^/lbgw\\.echo\\.v1\\.Echo/(?<method>Unary|ServerStream)$ {{
+            error_page 405 =200 /reply/$method;
+            return 405;
+        }}
+        location /reply/ {{
+            internal;
+            default_type application/grpc;
+            add_trailer grpc-status 0 always;
+        }}
+    }}
+}}
+"""
+
+
+def _grpc_frame(message: bytes) -> bytes:
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def _start_nginx_backend(workdir: Path, args: argparse.Namespace) -> tuple[Proc, str]:
+    """nginx serving canned gRPC replies from files: a backend that costs next to no CPU.
+
+    Unary replies with one ``--payload``-sized message, ServerStream with
+    ``--stream-count`` messages of ``--stream-size`` bytes. With the Python
+    backend on a 2-core machine the backend and the load generator take
+    about a core, so a second lbgw worker has nothing to run on; this backend
+    leaves the cores to the proxy.
+    """
+    prefix = workdir / "nginx-backend"
+    (prefix / "www" / "reply").mkdir(parents=True)
+    # nginx's workers run as an unprivileged user when it starts as root:
+    # they must be able to reach the reply files through the private workdir.
+    for path in (workdir, prefix, prefix / "www", prefix / "www" / "reply"):
+        path.chmod(0o755)
+    (prefix / "www" / "reply" / "Unary").write_bytes(_grpc_frame(b"x" * args.payload))
+    stream = _grpc_frame(b"x" * args.stream_size) * args.stream_count
+    (prefix / "www" / "reply" / "ServerStream").write_bytes(stream)
+    port = free_port()
+    conf = prefix / "nginx.conf"
+    conf.write_text(_NGINX_BACKEND_CONF.format(prefix=prefix, port=port))
+    binary = args.nginx or shutil.which("nginx") or "nginx"
+    argv = [binary, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)]
+    return Proc("backend", [*argv, "-g", "daemon off;"], workdir), f"127.0.0.1:{port}"
+
+
 def _start_backend(workdir: Path, args: argparse.Namespace) -> tuple[Proc, str]:
+    if args.backend == "nginx":
+        return _start_nginx_backend(workdir, args)
     argv = [
         *_python(),
         str(HERE / "backend.py"),
@@ -446,6 +511,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--lbgw", default=None, metavar="PATH", help="the lbgw executable")
     p.add_argument("--nginx", default=None, metavar="PATH", help="the nginx executable")
+    p.add_argument(
+        "--backend",
+        choices=("python", "nginx"),
+        default="python",
+        help="the echo backend: bench/backend.py (grpc.aio), or nginx serving canned "
+        "replies, which leaves the CPU to the proxy (to measure --workers on 2 cores)",
+    )
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results here")
     p.add_argument(
         "--quick",
