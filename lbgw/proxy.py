@@ -253,7 +253,9 @@ async def _feed(call: Any, requests: AsyncIterator[bytes], handler: asyncio.Task
     cancelled: grpc.aio's server ends the request stream the same way for
     both, and the cancel reaches the handler's task a moment later, so the
     feeder yields once and looks before half-closing. (A cancel that comes
-    later still cancels the backend call, from the handler's ``finally``.)
+    later still cancels the backend call, from the handler's ``finally``; it
+    comes later only when gRPC's poller thread is starved of CPU, and the
+    backend then sees the end of the stream just before the cancel.)
     """
     try:
         await call.wait_for_connection()
