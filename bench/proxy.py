@@ -10,6 +10,8 @@ echo backend (``bench/backend.py``) and, in front of it, every proxy it finds:
 * ``lbgw``: ``lbgw serve`` with one worker, strategy ``swrr``, both echo
   methods in its method-kind table;
 * ``lbgw-w2``: the same with ``--workers 2``;
+* ``lbgw-stream``: one worker without the method-kind table, so every call
+  takes lbgw's ``stream_stream`` fallback: what the unary fast path saves;
 * ``nginx``: ``grpc_pass`` with one worker and upstream keepalive, when
   ``nginx`` is on PATH.
 
@@ -61,12 +63,13 @@ from procs import Proc, free_port, stopping
 
 HERE = Path(__file__).resolve().parent
 
-CONFIGS = ("direct", "floor", "lbgw", "lbgw-w2", "nginx")
+CONFIGS = ("direct", "floor", "lbgw", "lbgw-w2", "lbgw-stream", "nginx")
 LABELS = {
     "direct": "direct (no proxy)",
     "floor": "floor (passthrough.py)",
     "lbgw": "lbgw",
     "lbgw-w2": "lbgw --workers 2",
+    "lbgw-stream": "lbgw, kinds unknown",
     "nginx": "nginx grpc_pass",
 }
 
@@ -190,11 +193,13 @@ def _lbgw_help(binary: str) -> str | None:
     return done.stdout if done.returncode == 0 else None
 
 
-def _lbgw_argv(binary: str, help_text: str, port: int, backend: str, workers: int) -> list[str]:
+def _lbgw_argv(
+    binary: str, help_text: str, port: int, backend: str, workers: int, *, kinds: bool = True
+) -> list[str]:
     argv = [binary, "serve", "--listen", f"127.0.0.1:{port}", "--backend", backend]
     argv += ["--strategy", "swrr", "--log-level", "warning"]
     # The method-kind table gives lbgw its unary fast path (MethodKind values in lbgw.config).
-    if "--method" in help_text:
+    if kinds and "--method" in help_text:
         argv += ["--method", f"{UNARY}=unary", "--method", f"{SERVER_STREAM}=server_streaming"]
     if workers > 1:
         argv += ["--workers", str(workers)]
@@ -356,6 +361,13 @@ _RATIOS = (
         ("lbgw-w2", "calls_per_s"),
         ("lbgw", "calls_per_s"),
         "target >= 1.5x",
+    ),
+    (
+        "lbgw_stream_cpu_per_call_vs_lbgw",
+        "lbgw CPU per unary call, kinds unknown / known",
+        ("lbgw-stream", "cpu_us_per_call"),
+        ("lbgw", "cpu_us_per_call"),
+        "for reading: what the fast path saves",
     ),
     (
         "lbgw_cpu_per_call_vs_nginx",
@@ -545,7 +557,7 @@ def _start_targets(
                 skipped.append(_Row(config, note=f"did not start: {exc}", failed=True))
                 continue
             targets.append(Target(config, f"127.0.0.1:{port}", proc, streams=False))
-        elif config in ("lbgw", "lbgw-w2"):
+        elif config in ("lbgw", "lbgw-w2", "lbgw-stream"):
             binary = _lbgw_binary(args.lbgw)
             help_text = _lbgw_help(binary) if binary else None
             if binary is None or help_text is None:
@@ -553,7 +565,8 @@ def _start_targets(
                 continue
             port = free_port()
             workers = 2 if config == "lbgw-w2" else 1
-            argv = _lbgw_argv(binary, help_text, port, backend, workers)
+            kinds = config != "lbgw-stream"
+            argv = _lbgw_argv(binary, help_text, port, backend, workers, kinds=kinds)
             procs.append(Proc(config, argv, workdir))
             targets.append(Target(config, f"127.0.0.1:{port}", procs[-1]))
         elif config == "nginx":
