@@ -95,7 +95,9 @@ def _python() -> list[str]:
     return [sys.executable, "-u"]
 
 
-_NGINX_BACKEND_CONF = """\
+#: What both nginx configurations share: one worker, files under a temp prefix,
+#: connections kept open for the whole run.
+_NGINX_PROLOGUE = """\
 worker_processes 1;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
@@ -109,6 +111,11 @@ http {{
     scgi_temp_path {prefix}/scgi;
     keepalive_requests 100000000;
     keepalive_timeout 600s;
+"""
+
+_NGINX_BACKEND_CONF = (
+    _NGINX_PROLOGUE
+    + """\
     server {{
         listen 127.0.0.1:{port} http2;
         root {prefix}/www;
@@ -126,6 +133,7 @@ http {{
     }}
 }}
 """
+)
 
 
 def _grpc_frame(message: bytes) -> bytes:
@@ -206,20 +214,9 @@ def _lbgw_argv(
     return argv
 
 
-_NGINX_CONF = """\
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    keepalive_requests 100000000;
-    keepalive_timeout 600s;
+_NGINX_CONF = (
+    _NGINX_PROLOGUE
+    + """\
     upstream backend {{
         server {backend};
         keepalive {keepalive};
@@ -234,6 +231,7 @@ http {{
     }}
 }}
 """
+)
 
 
 def _start_nginx(workdir: Path, binary: str, backend: str, inflight: int) -> tuple[Proc, int]:
