@@ -10,7 +10,6 @@ keeps serving until Ctrl-C, so ``lbgw call`` (or any gRPC client with
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 
 from grpc import aio
@@ -40,6 +39,11 @@ async def call(address: str, count: int, message: str, timeout: float) -> int:
 
 
 async def run_demo(listen: str, calls: int, *, once: bool) -> int:
+    # Ctrl-C or SIGTERM stops the demo at any point, start-up included.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     one, three = EchoBackend("backend-1 (weight 1)"), EchoBackend("backend-2 (weight 3)")
     async with (
         serve(echo_registrar(one, reflection=True)) as a,
@@ -62,13 +66,8 @@ async def run_demo(listen: str, calls: int, *, once: bool) -> int:
             address = gateway.addresses[0]
             print(f"lbgw demo: gateway on {address}, backends {a} (weight 1) and {b} (weight 3)")
             status = await call(address, calls, "hello", 5.0)
-            if once or status:
+            if once or status or stop.is_set():
                 return status
             print(f"serving until Ctrl-C; try: lbgw call {address}")
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            with contextlib.suppress(asyncio.CancelledError):
-                await stop.wait()
+            await stop.wait()
     return 0

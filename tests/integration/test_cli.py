@@ -218,3 +218,23 @@ def _alive(pid: int) -> bool:
     # A zombie (exited, not yet reaped by init) counts as gone.
     with open(f"/proc/{pid}/stat") as stat:
         return stat.read().split(") ", 1)[1][0] != "Z"
+
+
+def test_demo_serves_until_ctrl_c_then_exits_0() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lbgw", "demo", "--listen", "127.0.0.1:0", "--calls", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:  # bounded by the test timeout
+            if line.startswith("serving until Ctrl-C"):
+                break
+        process.send_signal(signal.SIGINT)
+        assert process.wait(15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
