@@ -373,8 +373,7 @@ def _stream_response(
             if initial:
                 await context.send_initial_metadata(initial)
                 initial_sent = True
-            responses: AsyncIterator[bytes] = call.__aiter__()
-            async for response in responses:
+            async for response in call:
                 await context.write(response)
             trailing = await call.trailing_metadata()
             if trailing:
