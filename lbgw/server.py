@@ -56,6 +56,7 @@ class Gateway:
         self._server: aio.Server | None = None
         self._backends: list[Backend] = []
         self.clusters: dict[str, Cluster] = {}
+        self.proxy: Proxy | None = None
         self.addresses: list[str] = []
 
     def __repr__(self) -> str:
@@ -100,8 +101,8 @@ class Gateway:
 
         server = aio.server(options=server_options(config, reuse_port=self._reuse_port))
         self._server = server
-        router = Router(config.routes, self.clusters)
-        server.add_generic_rpc_handlers((Proxy(router, self.clusters.values()),))
+        self.proxy = Proxy(Router(config.routes, self.clusters), self.clusters.values())
+        server.add_generic_rpc_handlers((self.proxy,))
         for listener in config.listeners:
             try:
                 port = server.add_insecure_port(listener.address)

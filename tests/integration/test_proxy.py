@@ -11,7 +11,8 @@ import asyncio
 import collections
 import socket
 from collections.abc import AsyncIterator
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -334,7 +335,24 @@ async def test_reflection_gives_unary_methods_the_fast_path() -> None:
         async with through(cfg) as t:
             kinds = t.gateway.clusters["echo"].kinds
             assert kinds == {m: MethodKind(k) for m, k in ALL_KINDS.items()}
+            assert _handler_form(t.gateway, UNARY) == (False, False)  # unary_unary
+            assert _handler_form(t.gateway, "/lbgw.echo.v1.Echo/ClientStream") == (True, False)
             assert (await t.stub.Unary(request(message="r"), timeout=5)).message == "r"
+
+
+def _handler_form(gateway: Gateway, method: str) -> tuple[bool, bool]:
+    """(request_streaming, response_streaming) of the handler lbgw serves ``method`` with."""
+    assert gateway.proxy is not None
+    details = cast(grpc.HandlerCallDetails, SimpleNamespace(method=method))
+    handler = gateway.proxy.service(details)
+    assert handler is not None
+    return handler.request_streaming, handler.response_streaming
+
+
+async def test_a_method_of_unknown_kind_is_forwarded_as_stream_stream() -> None:
+    async with echo_backends(EchoBackend("a")) as addrs, through(config(addrs, methods={})) as t:
+        assert _handler_form(t.gateway, UNARY) == (True, True)
+        assert (await t.stub.Unary(request(message="s"), timeout=5)).message == "s"
 
 
 # --- misbehaving peers ----------------------------------------------------------
