@@ -11,12 +11,18 @@ Layout::
     [[listeners]] address
     [limits]      max_receive_message_bytes, max_send_message_bytes, max_concurrent_streams
     [log]         level, format
-    [clusters.NAME]  endpoints, strategy, params, channel_options, methods, reflection
-    [[routes]]    one of method / service / package / default, and cluster
+    [clusters.NAME]  endpoints, strategy, params, channel_options, methods, reflection,
+                     panic_threshold
+    [clusters.NAME.health_check]       mode, service, rpc, interval, timeout, thresholds, ...
+    [clusters.NAME.outlier_detection]  consecutive_failures, failure_codes, ejection times, ...
+    [clusters.NAME.slow_start]         window, aggression, min_weight_percent
+    [clusters.NAME.retries]            max_attempts, budget_percent, min_retry_concurrency
+    [[routes]]    one of method / service / package / default, cluster, retry_on
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import ipaddress
 import math
@@ -25,6 +31,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+
+import grpc
 
 from lbgw.exceptions import ConfigError
 from lbgw.kernels import MAX_ACTIVE_REQUEST_BIAS, MAX_BACKENDS, MAX_WEIGHT
@@ -35,11 +43,15 @@ __all__ = [
     "ClusterConfig",
     "Config",
     "EndpointConfig",
+    "HealthCheckConfig",
     "Limits",
     "ListenerConfig",
     "LogConfig",
     "MethodKind",
+    "OutlierConfig",
+    "RetryConfig",
     "RouteConfig",
+    "SlowStartConfig",
     "StrategyParams",
     "config_from_mapping",
     "is_method_name",
@@ -54,6 +66,13 @@ MAX_MESSAGE_BYTES: Final = 2**31 - 1
 STRATEGIES: Final = ("swrr", "ewma", "round_robin", "random", "least_request")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("json", "text")
+HEALTH_MODES: Final = ("grpc", "tcp", "none")
+#: Strategies whose picks follow weights, so that slow start can ramp them.
+WEIGHTED_STRATEGIES: Final = ("swrr", "ewma", "random", "least_request")
+#: Status codes by their names in config, e.g. "UNAVAILABLE".
+STATUS_CODES: Final = {
+    code.name: code for code in grpc.StatusCode if code is not grpc.StatusCode.OK
+}
 
 
 class MethodKind(enum.Enum):
@@ -103,6 +122,67 @@ _PARAMS_FOR: Final[Mapping[str, frozenset[str]]] = {
 
 
 @dataclass(frozen=True, slots=True)
+class HealthCheckConfig:
+    """Active health checking of each endpoint, off the request path.
+
+    The defaults follow HAProxy's ``inter 2s fall 3 rise 2`` in spirit with
+    Envoy-like names: a check every 5 s (plus up to 10% jitter), 1 s to
+    answer, 3 failed checks to take an endpoint out, 2 passed checks to put it
+    back. An explicit ``NOT_SERVING`` answer takes it out at once, and the
+    first result after start-up decides at once, as in Envoy.
+    """
+
+    mode: str = "grpc"  # grpc (grpc.health.v1), tcp (connect and close) or none
+    service: str = ""  # grpc: the service to ask about; "" is the whole server
+    rpc: str = "watch"  # grpc: "watch" (a stream of changes) or "check" (polled)
+    interval: float = 5.0  # seconds between checks (watch: between re-opened streams)
+    timeout: float = 1.0  # seconds a check may take
+    unhealthy_threshold: int = 3
+    healthy_threshold: int = 2
+    jitter: float = 0.1  # up to this fraction of interval is added to each wait
+    unimplemented: str = "healthy"  # grpc: a backend without the health service counts as ...
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierConfig:
+    """Passive ejection: consecutive failed calls take an endpoint out for a while.
+
+    Envoy's defaults: 5 consecutive failures; ejected for 30 s x the number of
+    times it was ejected, at most 300 s; at most 10% of the cluster ejected at
+    once, but always at least one endpoint (Envoy and gRPC do the same).
+    """
+
+    consecutive_failures: int = 5  # 0 turns passive ejection off
+    failure_codes: tuple[grpc.StatusCode, ...] = (grpc.StatusCode.UNAVAILABLE,)
+    base_ejection_time: float = 30.0
+    max_ejection_time: float = 300.0
+    max_ejection_percent: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class SlowStartConfig:
+    """Envoy's slow start: weight x max(min_weight_percent, (t / window) ** (1 / aggression))."""
+
+    window: float = 0.0  # seconds; 0 turns slow start off (Envoy's and NGINX's default)
+    aggression: float = 1.0
+    min_weight_percent: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    """Safe retries: at most ``max_attempts`` attempts per call, on different endpoints.
+
+    The retry budget is Envoy's: retries in flight stay within
+    ``budget_percent`` of the cluster's active calls, or
+    ``min_retry_concurrency``, whichever is larger.
+    """
+
+    max_attempts: int = 2  # attempts in all, the first one included; 1 turns retries off
+    budget_percent: float = 20.0
+    min_retry_concurrency: int = 3
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterConfig:
     name: str
     endpoints: tuple[EndpointConfig, ...]
@@ -113,6 +193,13 @@ class ClusterConfig:
     methods: tuple[tuple[str, MethodKind], ...] = ()
     #: Ask the endpoints' server reflection service for method kinds at start-up.
     reflection: bool = False
+    health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
+    outlier_detection: OutlierConfig = field(default_factory=OutlierConfig)
+    slow_start: SlowStartConfig = field(default_factory=SlowStartConfig)
+    retries: RetryConfig = field(default_factory=RetryConfig)
+    #: Envoy's panic threshold, in percent: below this share of healthy
+    #: endpoints, route to all of them. 0 (the default) turns it off.
+    panic_threshold: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +212,8 @@ class RouteConfig:
     match: str
     value: str
     cluster: str
+    #: Status codes retried on another endpoint (only before any response).
+    retry_on: tuple[grpc.StatusCode, ...] = (grpc.StatusCode.UNAVAILABLE,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,7 +415,19 @@ class _Reader:
         if not name or not all(c.isalnum() or c in "-_." for c in name):
             raise self.fail(key, "a cluster name of letters, digits, '-', '_' and '.'")
         keys = frozenset(
-            {"endpoints", "strategy", "params", "channel_options", "methods", "reflection"}
+            {
+                "endpoints",
+                "strategy",
+                "params",
+                "channel_options",
+                "methods",
+                "reflection",
+                "health_check",
+                "outlier_detection",
+                "slow_start",
+                "retries",
+                "panic_threshold",
+            }
         )
         table = self.table(value, key, keys)
         strategy = self.string(table.get("strategy", "swrr"), f"{key}.strategy", STRATEGIES)
@@ -374,6 +475,14 @@ class _Reader:
             methods.append((method, MethodKind(self.string(kind, mkey, kinds))))
 
         reflection = self.boolean(table.get("reflection", False), f"{key}.reflection")
+        slow_start = self.slow_start(table.get("slow_start", {}), f"{key}.slow_start")
+        if slow_start.window > 0 and strategy not in WEIGHTED_STRATEGIES:
+            raise self.fail(
+                f"{key}.slow_start.window",
+                f"0 for strategy {strategy!r}, which does not pick by weight "
+                f"(slow start works with {', '.join(WEIGHTED_STRATEGIES)})",
+                slow_start.window,
+            )
         return ClusterConfig(
             name=name,
             endpoints=tuple(endpoints),
@@ -382,6 +491,134 @@ class _Reader:
             channel_options=tuple(options),
             methods=tuple(methods),
             reflection=reflection,
+            health_check=self.health_check(table.get("health_check", {}), f"{key}.health_check"),
+            outlier_detection=self.outlier(
+                table.get("outlier_detection", {}), f"{key}.outlier_detection"
+            ),
+            slow_start=slow_start,
+            retries=self.retries(table.get("retries", {}), f"{key}.retries"),
+            panic_threshold=self.number(
+                table.get("panic_threshold", 0.0),
+                f"{key}.panic_threshold",
+                positive=False,
+                high=100,
+            ),
+        )
+
+    def codes(self, value: object, key: str) -> tuple[grpc.StatusCode, ...]:
+        if not isinstance(value, list):
+            raise self.fail(key, 'an array of status code names such as "UNAVAILABLE"', value)
+        codes = []
+        for n, name in enumerate(value):
+            codes.append(STATUS_CODES[self.string(name, f"{key}[{n}]", tuple(STATUS_CODES))])
+        return tuple(dict.fromkeys(codes))
+
+    def health_check(self, value: object, key: str) -> HealthCheckConfig:
+        d = HealthCheckConfig()
+        table = self.table(value, key, frozenset(f.name for f in dataclasses.fields(d)))
+        interval = self.number(table.get("interval", d.interval), f"{key}.interval", positive=True)
+        timeout = self.number(table.get("timeout", d.timeout), f"{key}.timeout", positive=True)
+        return HealthCheckConfig(
+            mode=self.string(table.get("mode", d.mode), f"{key}.mode", HEALTH_MODES),
+            service=self.string(table.get("service", d.service), f"{key}.service"),
+            rpc=self.string(table.get("rpc", d.rpc), f"{key}.rpc", ("watch", "check")),
+            interval=interval,
+            timeout=timeout,
+            unhealthy_threshold=self.integer(
+                table.get("unhealthy_threshold", d.unhealthy_threshold),
+                f"{key}.unhealthy_threshold",
+                1,
+                1000,
+            ),
+            healthy_threshold=self.integer(
+                table.get("healthy_threshold", d.healthy_threshold),
+                f"{key}.healthy_threshold",
+                1,
+                1000,
+            ),
+            jitter=self.number(
+                table.get("jitter", d.jitter), f"{key}.jitter", positive=False, high=1
+            ),
+            unimplemented=self.string(
+                table.get("unimplemented", d.unimplemented),
+                f"{key}.unimplemented",
+                ("healthy", "unhealthy"),
+            ),
+        )
+
+    def outlier(self, value: object, key: str) -> OutlierConfig:
+        d = OutlierConfig()
+        table = self.table(value, key, frozenset(f.name for f in dataclasses.fields(d)))
+        base = self.number(
+            table.get("base_ejection_time", d.base_ejection_time),
+            f"{key}.base_ejection_time",
+            positive=True,
+        )
+        longest = self.number(
+            table.get("max_ejection_time", max(base, d.max_ejection_time)),
+            f"{key}.max_ejection_time",
+            positive=True,
+        )
+        if longest < base:
+            raise self.fail(
+                f"{key}.max_ejection_time", f"at least base_ejection_time ({base})", longest
+            )
+        return OutlierConfig(
+            consecutive_failures=self.integer(
+                table.get("consecutive_failures", d.consecutive_failures),
+                f"{key}.consecutive_failures",
+                0,
+                1_000_000,
+            ),
+            failure_codes=self.codes(
+                table.get("failure_codes", [c.name for c in d.failure_codes]),
+                f"{key}.failure_codes",
+            ),
+            base_ejection_time=base,
+            max_ejection_time=longest,
+            max_ejection_percent=self.number(
+                table.get("max_ejection_percent", d.max_ejection_percent),
+                f"{key}.max_ejection_percent",
+                positive=False,
+                high=100,
+            ),
+        )
+
+    def slow_start(self, value: object, key: str) -> SlowStartConfig:
+        d = SlowStartConfig()
+        table = self.table(value, key, frozenset(f.name for f in dataclasses.fields(d)))
+        return SlowStartConfig(
+            window=self.number(table.get("window", d.window), f"{key}.window", positive=False),
+            aggression=self.number(
+                table.get("aggression", d.aggression), f"{key}.aggression", positive=True
+            ),
+            min_weight_percent=self.number(
+                table.get("min_weight_percent", d.min_weight_percent),
+                f"{key}.min_weight_percent",
+                positive=True,
+                high=100,
+            ),
+        )
+
+    def retries(self, value: object, key: str) -> RetryConfig:
+        d = RetryConfig()
+        table = self.table(value, key, frozenset(f.name for f in dataclasses.fields(d)))
+        return RetryConfig(
+            max_attempts=self.integer(
+                table.get("max_attempts", d.max_attempts), f"{key}.max_attempts", 1, 5
+            ),
+            budget_percent=self.number(
+                table.get("budget_percent", d.budget_percent),
+                f"{key}.budget_percent",
+                positive=False,
+                high=100,
+            ),
+            min_retry_concurrency=self.integer(
+                table.get("min_retry_concurrency", d.min_retry_concurrency),
+                f"{key}.min_retry_concurrency",
+                0,
+                1_000_000,
+            ),
         )
 
     def endpoint(self, value: object, key: str) -> EndpointConfig:
@@ -436,7 +673,9 @@ class _Reader:
         for n, item in enumerate(value):
             key = f"routes[{n}]"
             table = self.table(
-                item, key, frozenset({"method", "service", "package", "default", "cluster"})
+                item,
+                key,
+                frozenset({"method", "service", "package", "default", "cluster", "retry_on"}),
             )
             matches = [m for m in ("method", "service", "package", "default") if m in table]
             if len(matches) != 1:
@@ -462,7 +701,8 @@ class _Reader:
             if (match, text) in seen:
                 raise self.fail(key, f"each {match} routed once", text or True)
             seen.add((match, text))
-            routes.append(RouteConfig(match, text, cluster))
+            retry_on = self.codes(table.get("retry_on", ["UNAVAILABLE"]), f"{key}.retry_on")
+            routes.append(RouteConfig(match, text, cluster, retry_on))
         return tuple(routes)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import grpc
 import pytest
 
 import lbgw
@@ -17,11 +18,15 @@ from lbgw.config import (
     ClusterConfig,
     Config,
     EndpointConfig,
+    HealthCheckConfig,
     Limits,
     ListenerConfig,
     LogConfig,
     MethodKind,
+    OutlierConfig,
+    RetryConfig,
     RouteConfig,
+    SlowStartConfig,
     StrategyParams,
     config_from_mapping,
     load_config,
@@ -294,7 +299,8 @@ BAD: list[tuple[str, str, str, str]] = [
         "unknown cluster key",
         LISTENER + '[clusters.api]\nendpoint = ["h:1"]\n',
         "clusters.api.endpoint",
-        "one of the keys channel_options, endpoints, methods, params, reflection, strategy",
+        "one of the keys channel_options, endpoints, health_check, methods, outlier_detection, "
+        "panic_threshold, params, reflection, retries, slow_start, strategy",
     ),
     (
         "bad cluster name",
@@ -617,7 +623,113 @@ BAD: list[tuple[str, str, str, str]] = [
         "unknown route key",
         MINIMAL + '[[routes]]\nprefix = "a"\ncluster = "api"\n',
         "routes[0].prefix",
-        "one of the keys cluster, default, method, package, service",
+        "one of the keys cluster, default, method, package, retry_on, service",
+    ),
+    (
+        "unknown health check mode",
+        MINIMAL + '[clusters.api.health_check]\nmode = "http"\n',
+        "clusters.api.health_check.mode",
+        "one of 'grpc', 'tcp', 'none', got 'http'",
+    ),
+    (
+        "health check interval 0",
+        MINIMAL + "[clusters.api.health_check]\ninterval = 0\n",
+        "clusters.api.health_check.interval",
+        "a positive number, got 0",
+    ),
+    (
+        "health check rpc",
+        MINIMAL + '[clusters.api.health_check]\nrpc = "poll"\n',
+        "clusters.api.health_check.rpc",
+        "one of 'watch', 'check', got 'poll'",
+    ),
+    (
+        "unhealthy threshold 0",
+        MINIMAL + "[clusters.api.health_check]\nunhealthy_threshold = 0\n",
+        "clusters.api.health_check.unhealthy_threshold",
+        "an integer from 1 to 1000, got 0",
+    ),
+    (
+        "jitter above 1",
+        MINIMAL + "[clusters.api.health_check]\njitter = 1.5\n",
+        "clusters.api.health_check.jitter",
+        "a number >= 0 up to 1, got 1.5",
+    ),
+    (
+        "unimplemented",
+        MINIMAL + '[clusters.api.health_check]\nunimplemented = "ok"\n',
+        "clusters.api.health_check.unimplemented",
+        "one of 'healthy', 'unhealthy', got 'ok'",
+    ),
+    (
+        "unknown health check key",
+        MINIMAL + "[clusters.api.health_check]\nperiod = 1\n",
+        "clusters.api.health_check.period",
+        "one of the keys healthy_threshold, interval, jitter, mode, rpc, service, timeout, "
+        "unhealthy_threshold, unimplemented",
+    ),
+    (
+        "failure code not a code",
+        MINIMAL + '[clusters.api.outlier_detection]\nfailure_codes = ["UNAVAILABLE", "503"]\n',
+        "clusters.api.outlier_detection.failure_codes[1]",
+        "one of 'CANCELLED'",
+    ),
+    (
+        "failure codes not an array",
+        MINIMAL + '[clusters.api.outlier_detection]\nfailure_codes = "UNAVAILABLE"\n',
+        "clusters.api.outlier_detection.failure_codes",
+        "an array of status code names such as \"UNAVAILABLE\", got 'UNAVAILABLE'",
+    ),
+    (
+        "max ejection time below base",
+        MINIMAL + "[clusters.api.outlier_detection]\nbase_ejection_time = 60\n"
+        "max_ejection_time = 30\n",
+        "clusters.api.outlier_detection.max_ejection_time",
+        "at least base_ejection_time (60.0), got 30.0",
+    ),
+    (
+        "max ejection percent above 100",
+        MINIMAL + "[clusters.api.outlier_detection]\nmax_ejection_percent = 101\n",
+        "clusters.api.outlier_detection.max_ejection_percent",
+        "a number >= 0 up to 100, got 101",
+    ),
+    (
+        "slow start with round robin",
+        LISTENER
+        + '[clusters.api]\nendpoints = ["h:1"]\nstrategy = "round_robin"\n'
+        + "[clusters.api.slow_start]\nwindow = 30\n",
+        "clusters.api.slow_start.window",
+        "0 for strategy 'round_robin', which does not pick by weight",
+    ),
+    (
+        "slow start aggression 0",
+        MINIMAL + "[clusters.api.slow_start]\nwindow = 30\naggression = 0\n",
+        "clusters.api.slow_start.aggression",
+        "a positive number, got 0",
+    ),
+    (
+        "retries max attempts 0",
+        MINIMAL + "[clusters.api.retries]\nmax_attempts = 0\n",
+        "clusters.api.retries.max_attempts",
+        "an integer from 1 to 5, got 0",
+    ),
+    (
+        "panic threshold above 100",
+        MINIMAL.replace('"]\n', '"]\npanic_threshold = 150\n'),
+        "clusters.api.panic_threshold",
+        "a number >= 0 up to 100, got 150",
+    ),
+    (
+        "route retry_on unknown code",
+        MINIMAL + '[[routes]]\ndefault = true\ncluster = "api"\nretry_on = ["UNAVAILBLE"]\n',
+        "routes[0].retry_on[0]",
+        "one of 'CANCELLED'",
+    ),
+    (
+        "route retry_on OK",
+        MINIMAL + '[[routes]]\ndefault = true\ncluster = "api"\nretry_on = ["OK"]\n',
+        "routes[0].retry_on[0]",
+        "one of 'CANCELLED'",
     ),
     (
         "two clusters and no routes",
@@ -646,3 +758,115 @@ def test_non_ascii_port_digits_are_rejected(tmp_path: Path, address: str) -> Non
 def test_an_empty_routes_array_is_rejected(tmp_path: Path, clusters: str) -> None:
     path = write(tmp_path, "routes = []\n" + LISTENER + clusters)
     assert_names(load_error(path), path, "routes", "")
+
+
+HEALTH = (
+    MINIMAL
+    + """panic_threshold = 30
+
+[clusters.api.health_check]
+mode = "grpc"
+service = "api.v1.Api"
+rpc = "check"
+interval = 2.5
+timeout = 0.5
+unhealthy_threshold = 2
+healthy_threshold = 1
+jitter = 0.2
+unimplemented = "unhealthy"
+
+[clusters.api.outlier_detection]
+consecutive_failures = 3
+failure_codes = ["UNAVAILABLE", "DEADLINE_EXCEEDED", "UNAVAILABLE"]
+base_ejection_time = 10
+max_ejection_time = 60
+max_ejection_percent = 50
+
+[clusters.api.slow_start]
+window = 30
+aggression = 2
+min_weight_percent = 5
+
+[clusters.api.retries]
+max_attempts = 3
+budget_percent = 25
+min_retry_concurrency = 5
+
+[[routes]]
+default = true
+cluster = "api"
+retry_on = ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]
+"""
+)
+
+
+def test_health_outlier_slow_start_retries_and_retry_on(tmp_path: Path) -> None:
+    cluster = load_config(write(tmp_path, HEALTH)).cluster("api")
+    assert cluster.health_check == HealthCheckConfig(
+        mode="grpc",
+        service="api.v1.Api",
+        rpc="check",
+        interval=2.5,
+        timeout=0.5,
+        unhealthy_threshold=2,
+        healthy_threshold=1,
+        jitter=0.2,
+        unimplemented="unhealthy",
+    )
+    assert cluster.outlier_detection == OutlierConfig(
+        consecutive_failures=3,
+        failure_codes=(grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED),
+        base_ejection_time=10.0,
+        max_ejection_time=60.0,
+        max_ejection_percent=50.0,
+    )
+    assert cluster.slow_start == SlowStartConfig(window=30.0, aggression=2.0, min_weight_percent=5)
+    assert cluster.retries == RetryConfig(
+        max_attempts=3, budget_percent=25, min_retry_concurrency=5
+    )
+    assert cluster.panic_threshold == 30
+    config = load_config(write(tmp_path, HEALTH))
+    assert config.routes[0].retry_on == (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+
+
+def test_health_defaults_are_envoy_like(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL))
+    cluster = config.cluster("api")
+    assert cluster.health_check == HealthCheckConfig(
+        mode="grpc",
+        service="",
+        rpc="watch",
+        interval=5.0,
+        timeout=1.0,
+        unhealthy_threshold=3,
+        healthy_threshold=2,
+        jitter=0.1,
+        unimplemented="healthy",
+    )
+    assert cluster.outlier_detection == OutlierConfig(
+        consecutive_failures=5,
+        failure_codes=(grpc.StatusCode.UNAVAILABLE,),
+        base_ejection_time=30.0,
+        max_ejection_time=300.0,
+        max_ejection_percent=10.0,
+    )
+    assert cluster.slow_start.window == 0
+    assert cluster.retries == RetryConfig(
+        max_attempts=2, budget_percent=20, min_retry_concurrency=3
+    )
+    assert cluster.panic_threshold == 0
+    assert config.routes[0].retry_on == (grpc.StatusCode.UNAVAILABLE,)
+
+
+def test_max_ejection_time_defaults_to_at_least_the_base(tmp_path: Path) -> None:
+    text = MINIMAL + "[clusters.api.outlier_detection]\nbase_ejection_time = 600\n"
+    cluster = load_config(write(tmp_path, text)).cluster("api")
+    assert cluster.outlier_detection.max_ejection_time == 600
+
+
+def test_an_empty_retry_on_turns_retries_off_for_the_route(tmp_path: Path) -> None:
+    text = MINIMAL + '[[routes]]\ndefault = true\ncluster = "api"\nretry_on = []\n'
+    assert load_config(write(tmp_path, text)).routes[0].retry_on == ()
