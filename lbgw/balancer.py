@@ -2,8 +2,10 @@
 
 ``pick()`` returns an endpoint index or raises ``NoEligibleEndpointError``;
 ``started``/``done`` bracket every call so the kernels see in-flight counts
-and, for ``ewma``, latencies. Rotation changes (health, in later modules)
-reach the kernel through ``set_eligible``; the hot path never checks health.
+and, for ``ewma``, latencies. Rotation changes (``endpoints.ClusterHealth``)
+reach the kernel through ``set_eligible`` and slow start through
+``set_share``; the hot path never checks health. ``pick_other`` picks for a
+retry, never the endpoint that just failed.
 
 Strategies map onto the kernels of ``lbgw.kernels``:
 
@@ -24,14 +26,29 @@ from collections.abc import Callable
 from lbgw._typing import Kernel
 from lbgw.config import ClusterConfig
 from lbgw.exceptions import NoEligibleEndpointError
-from lbgw.kernels import LeastRequest, PeakEwma, Random, RoundRobin, SmoothWeightedRoundRobin
+from lbgw.kernels import (
+    MAX_WEIGHT,
+    LeastRequest,
+    PeakEwma,
+    Random,
+    RoundRobin,
+    SmoothWeightedRoundRobin,
+)
+
+#: Slow start scales kernel weights by up to this much, so that a share of
+#: a small weight (10% of weight 1) is still a fraction and not rounded away.
+_SHARE_SCALE = 1000
 
 __all__ = ["Balancer", "make_kernel"]
 
 
-def make_kernel(cluster: ClusterConfig) -> tuple[Kernel, Callable[[], int]]:
-    """The kernel for ``cluster`` and the bound pick function to call."""
-    weights = [e.weight for e in cluster.endpoints]
+def make_kernel(cluster: ClusterConfig, scale: int = 1) -> tuple[Kernel, Callable[[], int]]:
+    """The kernel for ``cluster`` and the bound pick function to call.
+
+    ``scale`` multiplies every weight (picks are the same for any common
+    factor); slow start uses it to ramp weights in fine steps.
+    """
+    weights = [e.weight * scale for e in cluster.endpoints]
     params = cluster.params
     kernel: Kernel
     if cluster.strategy == "swrr":
@@ -57,13 +74,18 @@ def make_kernel(cluster: ClusterConfig) -> tuple[Kernel, Callable[[], int]]:
 class Balancer:
     """Picks among one cluster's endpoints and keeps the kernel's load figures."""
 
-    __slots__ = ("_pick", "addresses", "kernel", "name", "strategy")
+    __slots__ = ("_pick", "_scale", "_shares", "addresses", "kernel", "name", "strategy", "weights")
 
     def __init__(self, cluster: ClusterConfig) -> None:
         self.name = cluster.name
         self.strategy = cluster.strategy
         self.addresses = tuple(e.address for e in cluster.endpoints)
-        self.kernel, self._pick = make_kernel(cluster)
+        self.weights = tuple(e.weight for e in cluster.endpoints)
+        self._scale = 1
+        if cluster.slow_start.window > 0:
+            self._scale = max(1, min(_SHARE_SCALE, MAX_WEIGHT // max(self.weights)))
+        self._shares = [1.0] * len(self.weights)
+        self.kernel, self._pick = make_kernel(cluster, self._scale)
 
     def __repr__(self) -> str:
         k = self.kernel
@@ -89,5 +111,38 @@ class Balancer:
         if latency_ns is not None:
             kernel.observe(i, latency_ns, started_ns + latency_ns)
 
+    def pick_other(self, exclude: int) -> int:
+        """Like ``pick``, but never ``exclude`` (the endpoint a retry moves away from).
+
+        The excluded endpoint leaves rotation for this one pick, which is
+        synchronous, so no other call sees it out. Raises
+        ``NoEligibleEndpointError`` when no other endpoint is eligible.
+        """
+        kernel = self.kernel
+        if not kernel.is_eligible(exclude):
+            return self.pick()
+        kernel.set_eligible(exclude, False)
+        try:
+            i = self._pick()
+        finally:
+            kernel.set_eligible(exclude, True)
+        if i < 0:
+            raise NoEligibleEndpointError(self.name)
+        kernel.started(i)
+        return i
+
     def set_eligible(self, i: int, eligible: bool) -> None:
         self.kernel.set_eligible(i, eligible)
+
+    def is_eligible(self, i: int) -> bool:
+        return self.kernel.is_eligible(i)
+
+    def set_share(self, i: int, share: float) -> None:
+        """Give endpoint ``i`` this share (0 to 1) of its configured weight (slow start)."""
+        if share == self._shares[i]:
+            return
+        self._shares[i] = share
+        self.kernel.set_weight(i, max(1, round(self.weights[i] * self._scale * share)))
+
+    def share(self, i: int) -> float:
+        return self._shares[i]

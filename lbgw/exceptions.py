@@ -55,13 +55,13 @@ class NoRouteError(GatewayError):
 
 
 class NoEligibleEndpointError(GatewayError):
-    """Every endpoint of the cluster is out of rotation."""
+    """Every endpoint of the cluster is out of rotation (unhealthy, ejected or draining)."""
 
     code = grpc.StatusCode.UNAVAILABLE
 
     def __init__(self, cluster: str) -> None:
         self.cluster = cluster
-        super().__init__(f"lbgw: cluster {cluster!r} has no eligible endpoint")
+        super().__init__(f"lbgw: no endpoint of cluster {cluster!r} is healthy")
 
 
 class EndpointUnreachableError(GatewayError):

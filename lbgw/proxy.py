@@ -20,6 +20,20 @@ a ``finally``, so in-flight counts never leak. Streams keep gRPC's flow
 control: each message is read from one side only after the previous one was
 written to the other, so a slow reader slows the sender instead of growing
 a buffer in lbgw.
+
+Every attempt's outcome goes to ``ClusterHealth`` (passive ejection). An
+attempt that fails with one of the route's ``retry_on`` codes (default
+``UNAVAILABLE``, which is also what a connect failure or a refused stream
+gives) is retried on a different endpoint when all of these hold:
+
+* nothing of the response has reached the client;
+* for a client stream or bidi, lbgw has not read from the client's stream
+  (so nothing can have been sent; a unary or server-streaming request is
+  held by lbgw and can be sent again);
+* the call has attempts left (``max_attempts``, 2 by default, in all);
+* the cluster's retry budget allows it (Envoy's: retries in flight at most
+  ``budget_percent`` of the cluster's calls in flight, or
+  ``min_retry_concurrency``); and the client's deadline has time left.
 """
 
 from __future__ import annotations
@@ -37,16 +51,18 @@ from grpc._cython import cygrpc  # type: ignore[attr-defined]  # see _send
 
 from lbgw.backends import Backend
 from lbgw.balancer import Balancer
-from lbgw.config import MethodKind
+from lbgw.config import MethodKind, RetryConfig
+from lbgw.endpoints import ClusterHealth
 from lbgw.exceptions import (
     EndpointUnreachableError,
     GatewayError,
     NoEligibleEndpointError,
     NoRouteError,
 )
+from lbgw.logs import fields
 from lbgw.routing import Router
 
-__all__ = ["Cluster", "Proxy", "forwarded_metadata"]
+__all__ = ["Cluster", "Proxy", "Target", "forwarded_metadata"]
 
 log = logging.getLogger("lbgw.proxy")
 
@@ -91,20 +107,67 @@ def forwarded_metadata(metadata: _Metadata | None) -> tuple[tuple[str, str | byt
 
 
 class Cluster:
-    """A cluster at run time: its balancer, its backends and the method kinds it knows."""
+    """A cluster at run time: balancer, health, backends, known method kinds, retry state."""
 
-    __slots__ = ("backends", "balancer", "kinds", "name")
+    __slots__ = (
+        "active",
+        "backends",
+        "balancer",
+        "health",
+        "kinds",
+        "name",
+        "retries",
+        "retry_stats",
+        "retrying",
+    )
 
     def __init__(
-        self, balancer: Balancer, backends: Sequence[Backend], kinds: dict[str, MethodKind]
+        self,
+        balancer: Balancer,
+        health: ClusterHealth,
+        backends: Sequence[Backend],
+        kinds: dict[str, MethodKind],
+        retries: RetryConfig,
     ) -> None:
         self.name = balancer.name
         self.balancer = balancer
+        self.health = health
         self.backends = tuple(backends)
         self.kinds = kinds
+        self.retries = retries
+        self.active = 0  # client calls in flight
+        self.retrying = 0  # retries in flight
+        #: Counts since start: retries sent, and retries the budget refused.
+        self.retry_stats = {"sent": 0, "over_budget": 0}
 
     def __repr__(self) -> str:
-        return f"<Cluster {self.name} {self.balancer!r} methods={len(self.kinds)}>"
+        return (
+            f"<Cluster {self.name} {self.balancer!r} methods={len(self.kinds)} "
+            f"active={self.active} retrying={self.retrying}>"
+        )
+
+    def may_retry(self) -> bool:
+        """Whether the retry budget has room for one more retry now."""
+        retries = self.retries
+        allowed = max(retries.min_retry_concurrency, self.active * retries.budget_percent / 100)
+        if self.retrying < allowed:
+            return True
+        self.retry_stats["over_budget"] += 1
+        return False
+
+
+class Target:
+    """What a route leads to: a cluster, and the codes retried on its calls."""
+
+    __slots__ = ("cluster", "retry_on")
+
+    def __init__(self, cluster: Cluster, retry_on: Iterable[grpc.StatusCode]) -> None:
+        self.cluster = cluster
+        self.retry_on = frozenset(retry_on)
+
+    def __repr__(self) -> str:
+        codes = ",".join(sorted(c.name for c in self.retry_on)) or "-"
+        return f"<Target {self.cluster.name} retry_on={codes}>"
 
 
 class Proxy(grpc.GenericRpcHandler):
@@ -116,14 +179,15 @@ class Proxy(grpc.GenericRpcHandler):
     lbgw's memory; calls with no route get a reject handler, never cached.
     """
 
-    def __init__(self, router: Router[Cluster], clusters: Iterable[Cluster]) -> None:
+    def __init__(self, router: Router[Target], clusters: Iterable[Cluster]) -> None:
         self._router = router
         self._known: dict[str, _Handler] = {}
         self._recent: collections.OrderedDict[str, _Handler] = collections.OrderedDict()
         for cluster in clusters:
             for method in cluster.kinds:
-                if router.match(method) is cluster:
-                    self._known[method] = self._build(cluster, method)
+                target = router.match(method)
+                if target is not None and target.cluster is cluster:
+                    self._known[method] = self._build(target, method)
 
     def __repr__(self) -> str:
         return f"<Proxy known={len(self._known)} recent={len(self._recent)}>"
@@ -142,41 +206,41 @@ class Proxy(grpc.GenericRpcHandler):
 
     def handler(self, method: str) -> _Handler:
         """The handler for ``method``: its route, its kind, its multicallables."""
-        cluster = self._router.match(method)
-        if cluster is None:
+        target = self._router.match(method)
+        if target is None:
             return grpc.stream_stream_rpc_method_handler(_reject(NoRouteError(method)))
-        handler = self._build(cluster, method)
+        handler = self._build(target, method)
         self._recent[method] = handler
         if len(self._recent) > _MAX_CACHED_HANDLERS:
             self._recent.popitem(last=False)
         return handler
 
     @staticmethod
-    def _build(cluster: Cluster, method: str) -> _Handler:
-        kind = cluster.kinds.get(method)
-        channels = [b.channel for b in cluster.backends]
+    def _build(target: Target, method: str) -> _Handler:
+        kind = target.cluster.kinds.get(method)
+        channels = [b.channel for b in target.cluster.backends]
         if kind is MethodKind.UNARY:
             return grpc.unary_unary_rpc_method_handler(
                 _unary_response(
-                    cluster, [c.unary_unary(method) for c in channels], streaming_request=False
+                    target, [c.unary_unary(method) for c in channels], streaming_request=False
                 )
             )
         if kind is MethodKind.CLIENT_STREAMING:
             return grpc.stream_unary_rpc_method_handler(
                 _unary_response(
-                    cluster, [c.stream_unary(method) for c in channels], streaming_request=True
+                    target, [c.stream_unary(method) for c in channels], streaming_request=True
                 )
             )
         if kind is MethodKind.SERVER_STREAMING:
             return grpc.unary_stream_rpc_method_handler(
                 _stream_response(
-                    cluster, [c.unary_stream(method) for c in channels], streaming_request=False
+                    target, [c.unary_stream(method) for c in channels], streaming_request=False
                 )
             )
         # Bidi, or a kind lbgw does not know: stream_stream forwards any kind.
         return grpc.stream_stream_rpc_method_handler(
             _stream_response(
-                cluster, [c.stream_stream(method) for c in channels], streaming_request=True
+                target, [c.stream_stream(method) for c in channels], streaming_request=True
             )
         )
 
@@ -244,7 +308,9 @@ async def _send(call: Any, message: bytes) -> bool:
     return True
 
 
-async def _feed(call: Any, requests: AsyncIterator[bytes], handler: asyncio.Task[Any]) -> None:
+async def _feed(
+    call: Any, requests: AsyncIterator[bytes], handler: asyncio.Task[Any], reading: list[bool]
+) -> None:
     """Copy the client's request stream to the backend call, one message at a time.
 
     Each message is read from the client only after the previous one was
@@ -256,9 +322,12 @@ async def _feed(call: Any, requests: AsyncIterator[bytes], handler: asyncio.Task
     later still cancels the backend call, from the handler's ``finally``; it
     comes later only when gRPC's poller thread is starved of CPU, and the
     backend then sees the end of the stream just before the cancel.)
+    ``reading[0]`` turns True once the client's stream is being read; until
+    then, the call can be retried.
     """
     try:
         await call.wait_for_connection()
+        reading[0] = True  # from here on, a retry could lose what was read
         async for message in requests:
             if call.done() or not await _send(call, message):
                 return
@@ -275,17 +344,21 @@ async def _feed(call: Any, requests: AsyncIterator[bytes], handler: asyncio.Task
 
 
 def _start(
-    multicallable: Any, request: Any, context: _Context, streaming_request: bool
-) -> tuple[Any, asyncio.Task[None] | None]:
-    """Start the backend call, and for a request stream the task that feeds it."""
-    metadata = forwarded_metadata(context.invocation_metadata())
+    multicallable: Any,
+    request: Any,
+    metadata: tuple[tuple[str, str | bytes], ...] | None,
+    context: _Context,
+    streaming_request: bool,
+) -> tuple[Any, asyncio.Task[None] | None, list[bool]]:
+    """Start one attempt, and for a request stream the task that feeds it."""
     timeout = context.time_remaining()
     if not streaming_request:
-        return multicallable(request, metadata=metadata, timeout=timeout), None
+        return multicallable(request, metadata=metadata, timeout=timeout), None, [False]
     call = multicallable(metadata=metadata, timeout=timeout)
     handler = asyncio.current_task()
     assert handler is not None  # grpc.aio runs every handler in a task
-    return call, asyncio.ensure_future(_feed(call, request, handler))
+    reading = [False]
+    return call, asyncio.ensure_future(_feed(call, request, handler, reading)), reading
 
 
 def _end(call: Any, feeder: asyncio.Task[None] | None) -> None:
@@ -295,12 +368,44 @@ def _end(call: Any, feeder: asyncio.Task[None] | None) -> None:
         call.cancel()
 
 
+def _retry_to(
+    target: Target, i: int, code: grpc.StatusCode, attempt: int, context: _Context
+) -> int:
+    """The endpoint for the next attempt after ``i`` failed with ``code``, or -1: no retry."""
+    cluster = target.cluster
+    if code not in target.retry_on or attempt >= cluster.retries.max_attempts:
+        return -1
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return -1
+    if not cluster.may_retry():
+        return -1
+    try:
+        j = cluster.balancer.pick_other(i)
+    except NoEligibleEndpointError:
+        return -1
+    cluster.retry_stats["sent"] += 1
+    log.debug(
+        "retry",
+        extra=fields(
+            cluster=cluster.name,
+            failed=cluster.backends[i].address,
+            code=code.name,
+            next=cluster.backends[j].address,
+            attempt=attempt + 1,
+        ),
+    )
+    return j
+
+
 def _unary_response(
-    cluster: Cluster, calls: Sequence[Any], *, streaming_request: bool
+    target: Target, calls: Sequence[Any], *, streaming_request: bool
 ) -> Callable[[Any, _Context], Awaitable[bytes | None]]:
     """The forwarder for unary and client-streaming methods (one response)."""
-    balancer = cluster.balancer
+    cluster = target.cluster
+    balancer, health = cluster.balancer, cluster.health
     pick, done = balancer.pick, balancer.done
+    succeeded, failed = health.succeeded, health.failed
     backends = cluster.backends
     clock = time.monotonic_ns
 
@@ -309,41 +414,60 @@ def _unary_response(
             i = pick()
         except NoEligibleEndpointError as exc:
             await context.abort(exc.code, str(exc))
-        start = clock()
-        latency: int | None = None
-        call = feeder = None
+        metadata = forwarded_metadata(context.invocation_metadata())
+        attempt = 1
+        cluster.active += 1
         try:
-            if streaming_request:
-                call, feeder = _start(calls[i], request, context, True)
-            else:  # the fast path, inline
-                call = calls[i](
-                    request,
-                    metadata=forwarded_metadata(context.invocation_metadata()),
-                    timeout=context.time_remaining(),
-                )
-            response: bytes = await call
-            latency = clock() - start
-            initial = await call.initial_metadata()
-            if initial:
-                await context.send_initial_metadata(initial)
-            trailing = await call.trailing_metadata()
-            if trailing:
-                context.set_trailing_metadata(trailing)
-            return response
-        except aio.AioRpcError as error:
-            if _observed(error, backends[i]):
-                latency = clock() - start
-            await _relay_error(context, error, cluster, backends[i], initial_sent=False)
-            return None
+            while True:
+                start = clock()
+                latency: int | None = None
+                call = feeder = None
+                retry_to = -1
+                reading = [False]
+                try:
+                    if streaming_request:
+                        call, feeder, reading = _start(calls[i], request, metadata, context, True)
+                    else:  # the fast path, inline
+                        call = calls[i](
+                            request, metadata=metadata, timeout=context.time_remaining()
+                        )
+                    response: bytes = await call
+                    latency = clock() - start
+                    succeeded(i)
+                    initial = await call.initial_metadata()
+                    if initial:
+                        await context.send_initial_metadata(initial)
+                    trailing = await call.trailing_metadata()
+                    if trailing:
+                        context.set_trailing_metadata(trailing)
+                    return response
+                except aio.AioRpcError as error:
+                    code = error.code()
+                    if _observed(error, backends[i]):
+                        latency = clock() - start
+                    failed(i, code)
+                    if not (streaming_request and reading[0]):
+                        retry_to = _retry_to(target, i, code, attempt, context)
+                    if retry_to < 0:
+                        await _relay_error(context, error, cluster, backends[i], initial_sent=False)
+                        return None
+                finally:
+                    _end(call, feeder)
+                    done(i, start, latency)
+                if attempt == 1:
+                    cluster.retrying += 1
+                attempt += 1
+                i = retry_to
         finally:
-            _end(call, feeder)
-            done(i, start, latency)
+            cluster.active -= 1
+            if attempt > 1:
+                cluster.retrying -= 1
 
     return forward
 
 
 def _stream_response(
-    cluster: Cluster, calls: Sequence[Any], *, streaming_request: bool
+    target: Target, calls: Sequence[Any], *, streaming_request: bool
 ) -> Callable[[Any, _Context], Awaitable[None]]:
     """The forwarder for server-streaming and bidi methods, and unknown kinds.
 
@@ -351,8 +475,10 @@ def _stream_response(
     headers, as Linkerd measures streams: a stream's length says nothing of
     the backend's speed.
     """
-    balancer = cluster.balancer
+    cluster = target.cluster
+    balancer, health = cluster.balancer, cluster.health
     pick, done = balancer.pick, balancer.done
+    succeeded, failed = health.succeeded, health.failed
     backends = cluster.backends
     clock = time.monotonic_ns
 
@@ -361,30 +487,58 @@ def _stream_response(
             i = pick()
         except NoEligibleEndpointError as exc:
             await context.abort(exc.code, str(exc))
-        start = clock()
-        headers = 0  # when the backend's response headers came
-        latency: int | None = None
-        initial_sent = False
-        call = feeder = None
+        metadata = forwarded_metadata(context.invocation_metadata())
+        attempt = 1
+        cluster.active += 1
         try:
-            call, feeder = _start(calls[i], request, context, streaming_request)
-            initial = await call.initial_metadata()
-            headers = clock()
-            if initial:
-                await context.send_initial_metadata(initial)
-                initial_sent = True
-            async for response in call:
-                await context.write(response)
-            trailing = await call.trailing_metadata()
-            if trailing:
-                context.set_trailing_metadata(trailing)
-            latency = headers - start
-        except aio.AioRpcError as error:
-            if _observed(error, backends[i]):
-                latency = (headers or clock()) - start
-            await _relay_error(context, error, cluster, backends[i], initial_sent=initial_sent)
+            while True:
+                start = clock()
+                headers = 0  # when the backend's response headers came
+                latency: int | None = None
+                relayed = False  # whether anything of the response reached the client
+                call = feeder = None
+                retry_to = -1
+                reading = [False]
+                try:
+                    call, feeder, reading = _start(
+                        calls[i], request, metadata, context, streaming_request
+                    )
+                    initial = await call.initial_metadata()
+                    headers = clock()
+                    if initial:
+                        await context.send_initial_metadata(initial)
+                        relayed = True
+                    async for response in call:
+                        relayed = True
+                        await context.write(response)
+                    trailing = await call.trailing_metadata()
+                    if trailing:
+                        context.set_trailing_metadata(trailing)
+                    latency = headers - start
+                    succeeded(i)
+                    return
+                except aio.AioRpcError as error:
+                    code = error.code()
+                    if _observed(error, backends[i]):
+                        latency = (headers or clock()) - start
+                    failed(i, code)
+                    if not relayed and not reading[0]:
+                        retry_to = _retry_to(target, i, code, attempt, context)
+                    if retry_to < 0:
+                        await _relay_error(
+                            context, error, cluster, backends[i], initial_sent=relayed
+                        )
+                        return
+                finally:
+                    _end(call, feeder)
+                    done(i, start, latency)
+                if attempt == 1:
+                    cluster.retrying += 1
+                attempt += 1
+                i = retry_to
         finally:
-            _end(call, feeder)
-            done(i, start, latency)
+            cluster.active -= 1
+            if attempt > 1:
+                cluster.retrying -= 1
 
     return forward

@@ -9,7 +9,7 @@ matching does: method, then service, then the longest package, then default.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
 from lbgw.config import RouteConfig
@@ -28,23 +28,27 @@ def split_method(method: str) -> tuple[str, str]:
 
 
 class Router(Generic[T]):
-    """Maps a full method name to a target (a cluster), or None."""
+    """Maps a full method name to a route's target, or None.
 
-    def __init__(self, routes: Iterable[RouteConfig], targets: Mapping[str, T]) -> None:
+    ``target(route)`` makes each route's target (for the proxy: the cluster
+    and the route's retry codes).
+    """
+
+    def __init__(self, routes: Iterable[RouteConfig], target: Callable[[RouteConfig], T]) -> None:
         self._methods: dict[str, T] = {}
         self._services: dict[str, T] = {}
         self._packages: dict[str, T] = {}
         self._default: T | None = None
         for route in routes:
-            target = targets[route.cluster]
+            made = target(route)
             if route.match == "method":
-                self._methods[route.value] = target
+                self._methods[route.value] = made
             elif route.match == "service":
-                self._services[route.value] = target
+                self._services[route.value] = made
             elif route.match == "package":
-                self._packages[route.value] = target
+                self._packages[route.value] = made
             else:
-                self._default = target
+                self._default = made
 
     def match(self, method: str) -> T | None:
         target = self._methods.get(method)

@@ -1,26 +1,32 @@
 """The gateway: builds clusters from a config and runs the grpc.aio server.
 
 ``Gateway`` owns the lifecycle: ``start()`` makes one channel per endpoint,
-learns method kinds (config, then reflection), binds the listeners and
-starts serving; ``stop(grace)`` stops accepting calls, gives those in flight
-``grace`` seconds, cancels what is left and closes the channels. ``cli.py``
-calls ``stop`` on SIGTERM and SIGINT.
+starts the health checks, learns method kinds (config, then reflection),
+binds the listeners and starts serving, with lbgw's own health service
+beside the proxy; ``stop(grace)`` turns lbgw's health NOT_SERVING, stops
+accepting calls, gives those in flight ``grace`` seconds, cancels what is
+left, stops the checks and closes the channels. ``cli.py`` calls ``stop`` on
+SIGTERM and SIGINT.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from types import TracebackType
 from typing import Any
 
 from grpc import aio
+from grpc_health.v1 import health_pb2_grpc
 
 from lbgw.backends import Backend, channel_options
 from lbgw.balancer import Balancer
-from lbgw.config import Config, parse_address
+from lbgw.config import Config, RouteConfig, parse_address
+from lbgw.endpoints import ClusterHealth
 from lbgw.exceptions import LbgwError
+from lbgw.health import HealthChecker, HealthService
 from lbgw.logs import fields
-from lbgw.proxy import Cluster, Proxy
+from lbgw.proxy import Cluster, Proxy, Target
 from lbgw.reflection import discover_kinds
 from lbgw.routing import Router
 
@@ -55,8 +61,10 @@ class Gateway:
         self._reuse_port = reuse_port
         self._server: aio.Server | None = None
         self._backends: list[Backend] = []
+        self._checkers: list[HealthChecker] = []
         self.clusters: dict[str, Cluster] = {}
         self.proxy: Proxy | None = None
+        self.health = HealthService()
         self.addresses: list[str] = []
 
     def __repr__(self) -> str:
@@ -85,23 +93,37 @@ class Gateway:
 
     async def _start(self) -> None:
         config = self.config
+        loop = asyncio.get_running_loop()
         for cc in config.clusters:
             options = channel_options(cc, config.limits)
             backends = [Backend(cc.name, e.address, options) for e in cc.endpoints]
             self._backends.extend(backends)
             for backend in backends:
                 backend.connect()
+            balancer = Balancer(cc)
+            health = ClusterHealth(cc, balancer, clock=loop.time, call_later=loop.call_later)
+            self.health.track(health)
+            checker = HealthChecker(health, backends, cc.health_check)
+            self._checkers.append(checker)
+            checker.start()
             kinds = {}
             if cc.reflection:
                 kinds = await discover_kinds(
                     cc.name, [b.address for b in backends], [b.channel for b in backends]
                 )
             kinds.update(cc.methods)  # the config's word wins over reflection's
-            self.clusters[cc.name] = Cluster(Balancer(cc), backends, kinds)
+            self.clusters[cc.name] = Cluster(balancer, health, backends, kinds, cc.retries)
 
         server = aio.server(options=server_options(config, reuse_port=self._reuse_port))
         self._server = server
-        self.proxy = Proxy(Router(config.routes, self.clusters), self.clusters.values())
+        clusters = self.clusters
+
+        def target(route: RouteConfig) -> Target:
+            return Target(clusters[route.cluster], route.retry_on)
+
+        self.proxy = Proxy(Router(config.routes, target), clusters.values())
+        # lbgw's own health service comes first, so its calls are never forwarded.
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         server.add_generic_rpc_handlers((self.proxy,))
         for listener in config.listeners:
             try:
@@ -121,6 +143,7 @@ class Gateway:
                     strategy=cluster.balancer.strategy,
                     endpoints=list(cluster.balancer.addresses),
                     known_methods=len(cluster.kinds),
+                    health_check=self.config.cluster(cluster.name).health_check.mode,
                 ),
             )
 
@@ -130,10 +153,19 @@ class Gateway:
             await self._server.wait_for_termination()
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop accepting calls; in-flight calls get ``grace`` seconds, then are cancelled."""
+        """Stop accepting calls; in-flight calls get ``grace`` seconds, then are cancelled.
+
+        lbgw's own health turns NOT_SERVING first, so that an orchestrator
+        watching it stops sending before the listeners close.
+        """
+        self.health.drain()
         server, self._server = self._server, None
         if server is not None:
             await server.stop(grace)
+        checkers, self._checkers = self._checkers, []
+        for checker in checkers:
+            await checker.stop()
+            checker.health.drain()
         await self._close_backends()
 
     async def _close_backends(self) -> None:

@@ -1,30 +1,43 @@
-"""Test seams shipped with lbgw: a loopback server helper and the echo backend.
+"""Test seams shipped with lbgw: a loopback server helper, the echo backend, a manual clock.
 
 ``EchoBackend`` implements ``lbgw.echo.v1.Echo`` (``protos/lbgw/pb/echo.proto``)
 for all four call kinds. It is the backend of ``lbgw demo``, of the
 integration tests and of the benchmarks, and it records what it saw (calls,
 metadata, deadlines, cancellations) so a test can check what lbgw forwarded.
-``serve`` starts any servicer on ``127.0.0.1`` on a port the OS chooses.
+``serve`` starts any servicer on ``127.0.0.1`` on a port the OS chooses;
+``echo_registrar(..., health=HealthService())`` adds a health service whose
+status a test flips with ``health.set("", False)``.
+
+``python -m lbgw.testing NAME [--port PORT]`` runs an echo backend with a
+health service in its own process (for tests that kill one): it prints
+``127.0.0.1:PORT`` on a line of its own and serves until SIGTERM.
+
+``ManualClock`` stands in for the event loop's ``time``/``call_later`` in
+unit tests of ``endpoints.ClusterHealth``.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import signal
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 from grpc import aio
+from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha.reflection import SERVICE_NAME, enable_server_reflection
 
+from lbgw.health import HealthService
 from lbgw.pb import echo_pb2, echo_pb2_grpc
 
 if TYPE_CHECKING:
     _Context: TypeAlias = aio.ServicerContext[Any, Any]
 
-__all__ = ["EchoBackend", "Seen", "echo_registrar", "serve"]
+__all__ = ["EchoBackend", "ManualClock", "Seen", "echo_registrar", "serve"]
 
 
 @dataclass
@@ -176,18 +189,97 @@ async def serve(
 
 
 def echo_registrar(
-    backend: EchoBackend, *, reflection: bool = False
+    backend: EchoBackend, *, reflection: bool = False, health: HealthService | None = None
 ) -> Callable[[aio.Server], None]:
     """``register`` for ``serve`` that adds ``backend`` as the Echo service.
 
     With ``reflection``, the server also serves gRPC server reflection, so a
-    gateway can learn the Echo methods' kinds from it.
+    gateway can learn the Echo methods' kinds from it. With ``health``, it
+    serves ``grpc.health.v1.Health`` from that service, which the test flips.
     """
 
     def register(server: aio.Server) -> None:
         echo_pb2_grpc.add_EchoServicer_to_server(backend, server)  # type: ignore[no-untyped-call]
+        if health is not None:
+            health_pb2_grpc.add_HealthServicer_to_server(health, server)
         if reflection:
             names = (echo_pb2.DESCRIPTOR.services_by_name["Echo"].full_name, SERVICE_NAME)
             enable_server_reflection(names, server)
 
     return register
+
+
+class _Handle:
+    __slots__ = ("callback", "cancelled", "when")
+
+    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class ManualClock:
+    """A clock that moves only when told: ``time()``, ``call_later()``, ``advance()``."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+        self._timers: list[_Handle] = []
+
+    def __repr__(self) -> str:
+        return f"<ManualClock {self.now:g} timers={len(self.pending())}>"
+
+    def time(self) -> float:
+        return self.now
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> _Handle:
+        handle = _Handle(self.now + delay, callback)
+        self._timers.append(handle)
+        return handle
+
+    def pending(self) -> list[float]:
+        """When the timers not yet run nor cancelled are due."""
+        return sorted(h.when for h in self._timers if not h.cancelled)
+
+    def advance(self, seconds: float) -> None:
+        """Move time on, running each timer that falls due, in order."""
+        end = self.now + seconds
+        while True:
+            due = [h for h in self._timers if not h.cancelled and h.when <= end]
+            if not due:
+                break
+            handle = min(due, key=lambda h: h.when)
+            self._timers.remove(handle)
+            self.now = max(self.now, handle.when)
+            handle.callback()
+        self._timers = [h for h in self._timers if not h.cancelled]
+        self.now = end
+
+
+async def _serve_forever(name: str, port: int) -> None:
+    server = aio.server()
+    echo_registrar(EchoBackend(name), health=HealthService())(server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print(f"127.0.0.1:{bound}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await server.stop(0)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m lbgw.testing NAME [--port PORT]``: an echo backend in its own process."""
+    parser = argparse.ArgumentParser(prog="python -m lbgw.testing", description=main.__doc__)
+    parser.add_argument("name", help="the name the backend puts in its replies")
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any free one)")
+    args = parser.parse_args(argv)
+    asyncio.run(_serve_forever(args.name, args.port))
+
+
+if __name__ == "__main__":
+    main()

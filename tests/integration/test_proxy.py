@@ -34,6 +34,9 @@ from tests.integration.support import (
     through,
 )
 
+#: The frame relay counts every stream; health checks would add their own.
+NO_CHECKS = {"health_check": {"mode": "none"}}
+
 MiB = 1024 * 1024
 KINDS = pytest.mark.parametrize("methods", [ALL_KINDS, {}], ids=["kinds-known", "kinds-unknown"])
 
@@ -257,14 +260,17 @@ async def test_no_eligible_endpoint_is_unavailable_naming_the_cluster(
     methods: dict[str, str],
 ) -> None:
     backend = EchoBackend("a")
-    async with echo_backends(backend) as addrs, through(config(addrs, methods=methods)) as t:
-        t.gateway.clusters["echo"].balancer.set_eligible(0, False)
+    async with (
+        echo_backends(backend) as addrs,
+        through(config(addrs, methods=methods, cluster=NO_CHECKS)) as t,
+    ):
+        t.gateway.clusters["echo"].health.check_failed(0, "test", explicit=True)
         for call in (t.stub.Unary(request(), timeout=5),):
             with pytest.raises(aio.AioRpcError) as info:
                 await call
             assert info.value.code() is grpc.StatusCode.UNAVAILABLE
             assert "'echo'" in (info.value.details() or "")
-            assert "no eligible endpoint" in (info.value.details() or "")
+            assert "no endpoint of cluster 'echo' is healthy" in (info.value.details() or "")
         with pytest.raises(aio.AioRpcError) as info:
             async for _ in t.stub.Bidi(_requests(1), timeout=5):
                 pass
@@ -278,7 +284,9 @@ async def test_a_backend_that_is_down_is_unavailable_naming_the_endpoint(
     methods: dict[str, str],
 ) -> None:
     down = _closed_port()
-    async with through(config([down], methods=methods)) as t:
+    # Health checks off: with them, the first failed check would take the
+    # endpoint out and the call would fail fast with "no endpoint is healthy".
+    async with through(config([down], methods=methods, cluster=NO_CHECKS)) as t:
         with pytest.raises(aio.AioRpcError) as info:
             await t.stub.Unary(request(), timeout=5)
         assert info.value.code() is grpc.StatusCode.UNAVAILABLE
@@ -387,7 +395,7 @@ async def test_a_client_that_vanishes_mid_stream_cancels_the_backend_call() -> N
     async with (
         echo_backends(backend) as (addr,),
         frame_relay(addr) as (relay, events),
-        Gateway(config([relay])) as gateway,
+        Gateway(config([relay], cluster=NO_CHECKS)) as gateway,
     ):
         channel = aio.insecure_channel(gateway.addresses[0])
         stub = echo_pb2_grpc.EchoStub(channel)  # type: ignore[no-untyped-call]
@@ -416,7 +424,7 @@ async def test_a_client_cancel_mid_upload_reaches_the_backend_as_a_cancel_not_an
     async with (
         echo_backends(backend) as (addr,),
         frame_relay(addr) as (relay, events),
-        through(config([relay], methods=methods)) as t,
+        through(config([relay], methods=methods, cluster=NO_CHECKS)) as t,
     ):
         for _ in range(10):
             queue: asyncio.Queue[object] = asyncio.Queue()
@@ -461,7 +469,7 @@ async def test_a_status_sent_before_the_request_stream_is_read_passes_through(
     message = request(payload=b"p" * 1000).SerializeToString()
     async with (
         serve(lambda s: s.add_generic_rpc_handlers((_Refuser(),))) as addr,
-        through(config([addr], methods=methods)) as t,
+        through(config([addr], methods=methods, cluster=NO_CHECKS)) as t,
     ):
         upload: Any = t.channel.stream_unary("/lbgw.echo.v1.Echo/ClientStream")
         for _ in range(40):

@@ -35,7 +35,7 @@ EXPECTED = [
 
 
 def router(routes: tuple[RouteConfig, ...] | list[RouteConfig]) -> Router[str]:
-    return Router(routes, TARGETS)
+    return Router(routes, lambda route: TARGETS[route.cluster])
 
 
 @pytest.mark.parametrize("order", list(itertools.permutations(ROUTES)))

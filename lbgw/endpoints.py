@@ -1,0 +1,395 @@
+"""Endpoint health: the state machine, and the decider that keeps the picker in step.
+
+Sync and free of I/O: ``health.py`` (active checks) and ``proxy.py`` (call
+outcomes) report what they saw, and ``ClusterHealth`` decides. Every change
+of an endpoint's rotation reaches the kernel through ``Balancer.set_eligible``
+(and, for slow start, ``Balancer.set_share``), so the hot path never checks
+health. Timers (ejection ends, slow-start steps) go through an injected
+``call_later``, so unit tests drive them with ``lbgw.testing.ManualClock``.
+
+States and what moves them (``TRANSITIONS`` is the whole table; a pair
+that is not in it raises ``IllegalTransitionError``)::
+
+    UNKNOWN      start-up, before the first check result      in rotation
+    SERVING      the active check passes (or checks are off)  in rotation
+    NOT_SERVING  the active check fails, or says NOT_SERVING  out
+    EJECTED      N consecutive failed calls (outlier ejection) out, until a
+                 passed check or the ejection time ends
+    DRAINING     the gateway is shutting down: no new calls   out, final
+
+Thresholds: ``unhealthy_threshold`` failed checks take a SERVING endpoint
+out, ``healthy_threshold`` passed checks bring a NOT_SERVING one back; an
+explicit ``NOT_SERVING`` answer takes it out at once, and the first result
+after start-up decides at once (Envoy does the same for new hosts).
+
+Passive ejection follows Envoy's outlier detection: ``consecutive_failures``
+calls in a row ending with one of ``failure_codes`` eject the endpoint for
+``base_ejection_time`` x its ejection count, at most ``max_ejection_time``.
+An endpoint that stayed in for ``max_ejection_time`` since its last ejection
+starts counting again from one. At most ``max_ejection_percent`` of the
+cluster is ejected at once, but always at least one endpoint may be.
+
+Slow start is Envoy's: an endpoint that comes back into rotation (from
+NOT_SERVING or EJECTED) gets ``weight x max(min_weight_percent/100,
+(t / window) ** (1 / aggression))``, stepped 10 times per window.
+
+The panic threshold is Envoy's too, and off by default: while fewer than
+``panic_threshold`` percent of the endpoints are healthy, the cluster routes
+to all endpoints but the draining ones.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, Final, Protocol
+
+import grpc
+
+from lbgw.balancer import Balancer
+from lbgw.config import ClusterConfig
+from lbgw.exceptions import LbgwError
+from lbgw.logs import fields
+
+__all__ = [
+    "ELIGIBLE",
+    "TRANSITIONS",
+    "ClusterHealth",
+    "Event",
+    "IllegalTransitionError",
+    "State",
+    "transition",
+]
+
+log = logging.getLogger("lbgw.endpoints")
+
+
+class State(enum.Enum):
+    UNKNOWN = "unknown"
+    SERVING = "serving"
+    NOT_SERVING = "not_serving"
+    EJECTED = "ejected"
+    DRAINING = "draining"
+
+
+class Event(enum.Enum):
+    HEALTHY = "healthy"  # the active check passed its threshold (or checking is off)
+    UNHEALTHY = "unhealthy"  # the active check failed its threshold, or said NOT_SERVING
+    EJECT = "eject"  # consecutive failed calls reached the outlier threshold
+    EJECTION_ENDED = "ejection_ended"  # the ejection time is over
+    DRAIN = "drain"  # the gateway is shutting down
+
+
+S, E = State, Event
+#: Every legal (state, event) pair and the state it leads to.
+TRANSITIONS: Final[dict[tuple[State, Event], State]] = {
+    (S.UNKNOWN, E.HEALTHY): S.SERVING,
+    (S.UNKNOWN, E.UNHEALTHY): S.NOT_SERVING,
+    (S.UNKNOWN, E.EJECT): S.EJECTED,
+    (S.UNKNOWN, E.DRAIN): S.DRAINING,
+    (S.SERVING, E.HEALTHY): S.SERVING,
+    (S.SERVING, E.UNHEALTHY): S.NOT_SERVING,
+    (S.SERVING, E.EJECT): S.EJECTED,
+    (S.SERVING, E.DRAIN): S.DRAINING,
+    (S.NOT_SERVING, E.HEALTHY): S.SERVING,
+    (S.NOT_SERVING, E.UNHEALTHY): S.NOT_SERVING,
+    (S.NOT_SERVING, E.DRAIN): S.DRAINING,
+    (S.EJECTED, E.HEALTHY): S.SERVING,  # a passed check ends an ejection early
+    (S.EJECTED, E.UNHEALTHY): S.NOT_SERVING,
+    (S.EJECTED, E.EJECTION_ENDED): S.SERVING,
+    (S.EJECTED, E.DRAIN): S.DRAINING,
+    (S.DRAINING, E.DRAIN): S.DRAINING,
+}
+del S, E
+
+#: The states whose endpoints take new calls.
+ELIGIBLE: Final = frozenset({State.UNKNOWN, State.SERVING})
+
+
+class IllegalTransitionError(LbgwError):
+    """An event that the endpoint's state does not admit."""
+
+    def __init__(self, state: State, event: Event) -> None:
+        self.state = state
+        self.event = event
+        super().__init__(f"no transition from {state.name} on {event.name}")
+
+
+def transition(state: State, event: Event) -> State:
+    """The state that ``event`` leads to from ``state``; raises if there is none."""
+    try:
+        return TRANSITIONS[state, event]
+    except KeyError:
+        raise IllegalTransitionError(state, event) from None
+
+
+class Timer(Protocol):
+    def cancel(self) -> Any: ...
+
+
+#: ``call_later(delay_s, callback)``, as ``asyncio.AbstractEventLoop.call_later``.
+CallLater = Callable[[float, Callable[[], None]], Timer]
+
+
+class _Endpoint:
+    __slots__ = (
+        "address",
+        "ejected_at",
+        "ejections",
+        "failed_checks",
+        "index",
+        "passed_checks",
+        "ramp_from",
+        "reinstated_at",
+        "state",
+        "timer",
+    )
+
+    def __init__(self, index: int, address: str) -> None:
+        self.index = index
+        self.address = address
+        self.state = State.UNKNOWN
+        self.passed_checks = 0
+        self.failed_checks = 0
+        self.ejections = 0  # the multiplier of the ejection time
+        self.ejected_at = -math.inf
+        self.reinstated_at = -math.inf
+        self.ramp_from: float | None = None  # slow start: when it came back
+        self.timer: Timer | None = None  # the end of its ejection
+
+
+class ClusterHealth:
+    """The health of one cluster's endpoints, applied to its balancer."""
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        balancer: Balancer,
+        *,
+        clock: Callable[[], float],
+        call_later: CallLater,
+    ) -> None:
+        self.name = config.name
+        self.balancer = balancer
+        self._check = config.health_check
+        self._outlier = config.outlier_detection
+        self._slow = config.slow_start
+        self._panic_threshold = config.panic_threshold
+        self._clock = clock
+        self._call_later = call_later
+        self._endpoints = [_Endpoint(i, e.address) for i, e in enumerate(config.endpoints)]
+        #: Consecutive failed calls per endpoint: a plain list, touched per call.
+        self._failures = [0] * len(self._endpoints)
+        self._failure_codes = frozenset(self._outlier.failure_codes)
+        self._ramp_timer: Timer | None = None
+        self._listeners: list[Callable[[ClusterHealth], None]] = []
+        self.panic = False
+        self.serving = True  # whether any endpoint is in rotation
+
+    def __repr__(self) -> str:
+        counts: dict[str, int] = {}
+        for e in self._endpoints:
+            counts[e.state.value] = counts.get(e.state.value, 0) + 1
+        states = ", ".join(f"{n} {s}" for s, n in counts.items())
+        return f"<ClusterHealth {self.name} [{states}]{' PANIC' if self.panic else ''}>"
+
+    # -- what others read --------------------------------------------------
+
+    def state(self, i: int) -> State:
+        return self._endpoints[i].state
+
+    def states(self) -> list[State]:
+        return [e.state for e in self._endpoints]
+
+    def on_change(self, listener: Callable[[ClusterHealth], None]) -> None:
+        """Call ``listener(self)`` after every change of rotation."""
+        self._listeners.append(listener)
+
+    # -- active checks -----------------------------------------------------
+
+    def check_passed(self, i: int, reason: str = "check passed") -> None:
+        e = self._endpoints[i]
+        e.failed_checks = 0
+        e.passed_checks += 1
+        if e.state is State.DRAINING:
+            return
+        if e.state in (State.UNKNOWN, State.EJECTED) or (
+            e.state is State.NOT_SERVING and e.passed_checks >= self._check.healthy_threshold
+        ):
+            self._apply(e, Event.HEALTHY, reason)
+
+    def check_failed(self, i: int, reason: str, *, explicit: bool = False) -> None:
+        """A failed check; ``explicit`` when the endpoint itself said it is not serving."""
+        e = self._endpoints[i]
+        e.passed_checks = 0
+        e.failed_checks += 1
+        if e.state in (State.DRAINING, State.NOT_SERVING):
+            return
+        if (
+            explicit
+            or e.state is State.UNKNOWN
+            or e.failed_checks >= self._check.unhealthy_threshold
+        ):
+            self._apply(e, Event.UNHEALTHY, reason)
+
+    def healthy_without_checks(self) -> None:
+        """Health checking is off: every endpoint is SERVING from the start."""
+        for e in self._endpoints:
+            if e.state is State.UNKNOWN:
+                self._apply(e, Event.HEALTHY, "health checking is off")
+
+    # -- passive ejection (on the request path: keep it cheap) --------------
+
+    def succeeded(self, i: int) -> None:
+        """A call on ``i`` ended without a failure code."""
+        if self._failures[i]:
+            self._failures[i] = 0
+
+    def failed(self, i: int, code: grpc.StatusCode) -> None:
+        """A call on ``i`` ended with ``code``; consecutive failures eject it."""
+        if code not in self._failure_codes:
+            self._failures[i] = 0
+            return
+        self._failures[i] += 1
+        limit = self._outlier.consecutive_failures
+        if limit and self._failures[i] >= limit:
+            self._failures[i] = 0
+            self._eject(self._endpoints[i], f"{limit} consecutive {code.name}")
+
+    def _eject(self, e: _Endpoint, reason: str) -> None:
+        if e.state not in ELIGIBLE:
+            return  # already out (calls that started before it left are still ending)
+        ejected = sum(x.state is State.EJECTED for x in self._endpoints)
+        cap = max(1, math.floor(len(self._endpoints) * self._outlier.max_ejection_percent / 100))
+        if ejected >= cap:
+            log.warning(
+                "ejection refused",
+                extra=fields(
+                    cluster=self.name,
+                    endpoint=e.address,
+                    reason=reason,
+                    ejected=ejected,
+                    max_ejection_percent=self._outlier.max_ejection_percent,
+                ),
+            )
+            return
+        now = self._clock()
+        if now - e.reinstated_at >= self._outlier.max_ejection_time:
+            e.ejections = 0  # it stayed in long enough: start again from one
+        e.ejections += 1
+        duration = min(
+            self._outlier.base_ejection_time * e.ejections, self._outlier.max_ejection_time
+        )
+        e.ejected_at = now
+        self._apply(e, Event.EJECT, f"{reason}; ejected for {duration:g}s")
+        e.timer = self._call_later(duration, lambda: self._ejection_over(e))
+
+    def _ejection_over(self, e: _Endpoint) -> None:
+        e.timer = None
+        if e.state is State.EJECTED:
+            self._apply(e, Event.EJECTION_ENDED, "ejection time over")
+
+    # -- drain -------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Take every endpoint out for good: the gateway is shutting down."""
+        for e in self._endpoints:
+            self._apply(e, Event.DRAIN, "gateway draining")
+        if self._ramp_timer is not None:
+            self._ramp_timer.cancel()
+            self._ramp_timer = None
+
+    # -- the transitions and what follows from them -------------------------
+
+    def _apply(self, e: _Endpoint, event: Event, reason: str) -> None:
+        old = e.state
+        new = transition(old, event)
+        if new is old:
+            return
+        e.state = new
+        if old is State.EJECTED:
+            e.reinstated_at = self._clock()
+            if e.timer is not None:
+                e.timer.cancel()
+                e.timer = None
+        if new in ELIGIBLE:
+            self._failures[e.index] = 0
+            if old in (State.NOT_SERVING, State.EJECTED) and self._slow.window > 0:
+                e.ramp_from = self._clock()
+        else:
+            e.ramp_from = None
+        log.info(
+            "endpoint state",
+            extra=fields(
+                cluster=self.name,
+                endpoint=e.address,
+                previous=old.value,
+                state=new.value,
+                event=event.value,
+                reason=reason,
+            ),
+        )
+        self._sync()
+
+    def _sync(self) -> None:
+        """Push rotation and slow-start shares to the balancer; tell the listeners."""
+        endpoints = self._endpoints
+        healthy = sum(e.state in ELIGIBLE for e in endpoints)
+        panic = healthy * 100 < self._panic_threshold * len(endpoints)
+        if panic != self.panic:
+            self.panic = panic
+            log.warning(
+                "panic" if panic else "panic over",
+                extra=fields(
+                    cluster=self.name,
+                    healthy=healthy,
+                    endpoints=len(endpoints),
+                    panic_threshold=self._panic_threshold,
+                ),
+            )
+        balancer = self.balancer
+        for e in endpoints:
+            eligible = e.state in ELIGIBLE or (panic and e.state is not State.DRAINING)
+            if balancer.is_eligible(e.index) != eligible:
+                balancer.set_eligible(e.index, eligible)
+        self._ramp()
+        serving = any(balancer.is_eligible(e.index) for e in endpoints)
+        self.serving = serving
+        for listener in self._listeners:
+            listener(self)
+
+    def _ramp(self) -> None:
+        """Set each ramping endpoint's share of its weight; step again while any ramps."""
+        if self._slow.window <= 0:
+            return
+        now = self._clock()
+        window = self._slow.window
+        floor = self._slow.min_weight_percent / 100
+        ramping = False
+        for e in self._endpoints:
+            share = 1.0
+            if e.ramp_from is not None:
+                t = now - e.ramp_from
+                if t >= window:
+                    e.ramp_from = None
+                else:
+                    share = max(floor, (t / window) ** (1 / self._slow.aggression))
+                    ramping = True
+            self.balancer.set_share(e.index, share)
+        if ramping and self._ramp_timer is None:
+            self._ramp_timer = self._call_later(window / 10, self._ramp_step)
+
+    def _ramp_step(self) -> None:
+        self._ramp_timer = None
+        self._ramp()
+
+    def slow_start_share(self, i: int) -> float:
+        """The share of its weight that endpoint ``i`` has now (1.0 unless ramping)."""
+        return self.balancer.share(i)
+
+
+def eligible_addresses(health: ClusterHealth, addresses: Iterable[str]) -> list[str]:
+    """The addresses of the endpoints in rotation, for logs and tests."""
+    return [a for i, a in enumerate(addresses) if health.balancer.is_eligible(i)]

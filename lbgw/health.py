@@ -1,0 +1,258 @@
+"""Active health checks of the endpoints, and lbgw's own ``grpc.health.v1`` service.
+
+``HealthChecker`` runs one task per endpoint, off the request path; a call
+never waits for a check. Each result goes to ``endpoints.ClusterHealth``,
+which applies thresholds and states. Modes, per cluster
+(``[clusters.NAME.health_check]``):
+
+* ``grpc``: the standard health protocol, ``grpc.health.v1.Health``, over the
+  endpoint's own channel (the connection calls use, as gRPC's client-side
+  health checking does). ``rpc = "watch"`` (the default) keeps a ``Watch``
+  stream open, so a change of status takes the endpoint out at once;
+  ``rpc = "check"`` polls ``Check`` every ``interval`` with a ``timeout``.
+  A backend without the health service answers ``UNIMPLEMENTED``: like
+  gRPC's client-side checking, lbgw counts it as healthy and says so once in
+  the log (``unimplemented = "unhealthy"`` counts it as a failed check).
+  A ``Watch`` that is unimplemented falls back to ``Check``.
+* ``tcp``: connect and close, for backends without the health service.
+* ``none``: every endpoint is SERVING; passive ejection still applies.
+
+``HealthService`` is the health service that lbgw itself serves on its
+listeners: ``""`` is SERVING while lbgw accepts calls and NOT_SERVING from the
+moment a drain starts; each cluster's name is SERVING while the cluster has
+an endpoint in rotation. Both ``Check`` and ``Watch`` are served; calls to
+``grpc.health.v1.Health`` are answered by lbgw and never forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lbgw.backends import Backend
+from lbgw.config import HealthCheckConfig, parse_address
+from lbgw.endpoints import ClusterHealth
+from lbgw.logs import fields
+
+if TYPE_CHECKING:
+    _Context: TypeAlias = aio.ServicerContext[Any, Any]
+
+__all__ = ["SERVICE_NAME", "HealthChecker", "HealthService"]
+
+log = logging.getLogger("lbgw.health")
+
+SERVICE_NAME: Final = "grpc.health.v1.Health"
+_SERVING: Final = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING: Final = health_pb2.HealthCheckResponse.NOT_SERVING
+_SERVICE_UNKNOWN: Final = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+
+
+class HealthChecker:
+    """The active checks of one cluster: one task per endpoint."""
+
+    def __init__(
+        self, health: ClusterHealth, backends: Sequence[Backend], config: HealthCheckConfig
+    ) -> None:
+        self.health = health
+        self.backends = tuple(backends)
+        self.config = config
+        self._tasks: list[asyncio.Task[None]] = []
+        self._random = random.Random()
+        self._told_unimplemented: set[int] = set()
+
+    def __repr__(self) -> str:
+        return f"<HealthChecker {self.health.name} {self.config.mode} tasks={len(self._tasks)}>"
+
+    def start(self) -> None:
+        if self.config.mode == "none":
+            self.health.healthy_without_checks()
+            return
+        for i in range(len(self.backends)):
+            task = asyncio.create_task(self._run(i), name=f"health {self.backends[i].address}")
+            self._tasks.append(task)
+
+    async def stop(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _pause(self) -> None:
+        interval = self.config.interval
+        await asyncio.sleep(interval * (1 + self._random.uniform(0, self.config.jitter)))
+
+    async def _run(self, i: int) -> None:
+        watch = self.config.mode == "grpc" and self.config.rpc == "watch"
+        while True:
+            try:
+                if watch:
+                    watch = await self._watch(i)
+                elif self.config.mode == "grpc":
+                    await self._check(i)
+                else:
+                    await self._tcp(i)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a check must never end its task
+                log.exception("health check failed unexpectedly")
+                self.health.check_failed(i, f"health check error: {exc!r}")
+            await self._pause()
+
+    def _unimplemented(self, i: int, rpc: str) -> None:
+        address = self.backends[i].address
+        healthy = self.config.unimplemented == "healthy"
+        if i not in self._told_unimplemented:
+            self._told_unimplemented.add(i)
+            log.warning(
+                "no health service",
+                extra=fields(
+                    cluster=self.health.name,
+                    endpoint=address,
+                    rpc=rpc,
+                    counted_as="healthy" if healthy else "unhealthy",
+                ),
+            )
+        if healthy:
+            self.health.check_passed(i, "no health service (UNIMPLEMENTED): counted as healthy")
+        else:
+            self.health.check_failed(i, "no health service (UNIMPLEMENTED)")
+
+    def _status(self, i: int, status: int) -> None:
+        if status == _SERVING:
+            self.health.check_passed(i, "SERVING")
+        else:
+            name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+            self.health.check_failed(i, name, explicit=True)
+
+    def _request(self) -> health_pb2.HealthCheckRequest:
+        return health_pb2.HealthCheckRequest(service=self.config.service)
+
+    async def _check(self, i: int) -> None:
+        stub = health_pb2_grpc.HealthStub(self.backends[i].channel)
+        try:
+            response = await stub.Check(self._request(), timeout=self.config.timeout)
+        except aio.AioRpcError as error:
+            code = error.code()
+            if code is grpc.StatusCode.UNIMPLEMENTED:
+                self._unimplemented(i, "Check")
+            elif code is grpc.StatusCode.NOT_FOUND:  # the server does not know the service
+                self.health.check_failed(i, "SERVICE_UNKNOWN", explicit=True)
+            else:
+                self.health.check_failed(i, f"Check failed: {code.name} {error.details() or ''}")
+            return
+        self._status(i, response.status)
+
+    async def _watch(self, i: int) -> bool:
+        """Follow a Watch stream until it ends; False when Watch is unimplemented."""
+        stub = health_pb2_grpc.HealthStub(self.backends[i].channel)
+        call = stub.Watch(self._request())
+        try:
+            async for response in _responses(call):
+                self._status(i, response.status)
+        except aio.AioRpcError as error:
+            code = error.code()
+            if code is grpc.StatusCode.UNIMPLEMENTED:
+                log.info(
+                    "health Watch unimplemented, polling Check",
+                    extra=fields(cluster=self.health.name, endpoint=self.backends[i].address),
+                )
+                await self._check(i)
+                return False
+            self.health.check_failed(i, f"Watch ended: {code.name} {error.details() or ''}")
+        finally:
+            call.cancel()
+        return True
+
+    async def _tcp(self, i: int) -> None:
+        host, port = parse_address(self.backends[i].address)
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                _, writer = await asyncio.open_connection(host, port)
+        except (OSError, TimeoutError) as exc:
+            self.health.check_failed(i, f"TCP connect failed: {exc!r}")
+            return
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        self.health.check_passed(i, "TCP connect")
+
+
+async def _responses(call: Any) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+    async for response in call:
+        yield response
+
+
+class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # no stubs
+    """lbgw's own health: ``""`` for the gateway, one service per cluster.
+
+    ``set`` is synchronous, so the decider's listeners can call it; each
+    ``Watch`` has its own queue and sees every change, in order.
+    """
+
+    def __init__(self) -> None:
+        self._status: dict[str, int] = {"": _SERVING}
+        self._watchers: dict[str, set[asyncio.Queue[int]]] = {}
+        self._draining = False
+
+    def __repr__(self) -> str:
+        states = {
+            s or '""': health_pb2.HealthCheckResponse.ServingStatus.Name(v)
+            for s, v in self._status.items()
+        }
+        return f"<HealthService {states}>"
+
+    def set(self, service: str, serving: bool) -> None:
+        """Set a service's status; after ``drain`` everything stays NOT_SERVING."""
+        status = _SERVING if serving and not self._draining else _NOT_SERVING
+        if self._status.get(service) == status:
+            return
+        self._status[service] = status
+        for queue in self._watchers.get(service, ()):
+            queue.put_nowait(status)
+
+    def drain(self) -> None:
+        """NOT_SERVING for every service, for good: a drain or shutdown has started."""
+        for service in list(self._status):
+            self.set(service, False)
+        self._draining = True
+
+    def track(self, health: ClusterHealth) -> None:
+        """Keep ``health.name``'s status in step with its rotation."""
+        self.set(health.name, health.serving)
+        health.on_change(lambda h: self.set(h.name, h.serving))
+
+    async def Check(  # noqa: N802 - the method's name in the protocol
+        self, request: health_pb2.HealthCheckRequest, context: _Context
+    ) -> health_pb2.HealthCheckResponse:
+        status = self._status.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(  # noqa: N802
+        self, request: health_pb2.HealthCheckRequest, context: _Context
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        service = request.service
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        watchers = self._watchers.setdefault(service, set())
+        watchers.add(queue)
+        try:
+            last = self._status.get(service, _SERVICE_UNKNOWN)
+            yield health_pb2.HealthCheckResponse(status=last)
+            while True:
+                status = await queue.get()
+                if status != last:
+                    last = status
+                    yield health_pb2.HealthCheckResponse(status=status)
+        finally:
+            watchers.discard(queue)
+            if not watchers:
+                del self._watchers[service]
