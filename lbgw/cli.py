@@ -26,6 +26,7 @@ from dataclasses import replace
 from typing import Any, Final
 
 from lbgw.config import (
+    HEALTH_MODES,
     STRATEGIES,
     Config,
     ListenerConfig,
@@ -121,6 +122,17 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="learn method kinds from the backends' server reflection (quick form)",
     )
+    serve.add_argument(
+        "--health-check",
+        choices=HEALTH_MODES,
+        help="active health checks: grpc (grpc.health.v1, the default), tcp or none (quick form)",
+    )
+    serve.add_argument(
+        "--health-interval",
+        type=float,
+        metavar="SECONDS",
+        help="seconds between health checks (default 5; quick form)",
+    )
     serve.add_argument("--workers", type=int, metavar="N", help="worker processes (default 1)")
     serve.add_argument("--grace", type=float, metavar="SECONDS", help="drain time on SIGTERM")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
@@ -143,7 +155,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve_config(args: argparse.Namespace) -> Config:
-    quick = args.listen or args.backend or args.strategy or args.method or args.reflection
+    quick = (
+        args.listen
+        or args.backend
+        or args.strategy
+        or args.method
+        or args.reflection
+        or args.health_check
+        or args.health_interval is not None
+    )
     if args.config and quick:
         raise ConfigError(
             "command line", "--config", "either --config or the quick form flags, not both"
@@ -167,6 +187,18 @@ def _serve_config(args: argparse.Namespace) -> Config:
             "methods": dict(args.method),
             "reflection": args.reflection,
         }
+        health: dict[str, Any] = {}
+        if args.health_check:
+            health["mode"] = args.health_check
+        if args.health_interval is not None:
+            interval = args.health_interval
+            if not (interval > 0 and math.isfinite(interval)):
+                raise ConfigError(
+                    "command line", "--health-interval", "a positive number of seconds", interval
+                )
+            health["interval"] = interval
+        if health:
+            cluster["health_check"] = health
         config = config_from_mapping(
             {
                 "listeners": [{"address": a} for a in (args.listen or ["127.0.0.1:50051"])],

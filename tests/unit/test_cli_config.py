@@ -241,6 +241,8 @@ def test_serve_with_a_missing_config_file(
         ),
         ("--method", "/a.B/C", "expected /package.Service/Method=KIND"),
         ("--strategy", "wrr", "invalid choice: 'wrr'"),
+        ("--health-check", "http", "invalid choice: 'http'"),
+        ("--health-interval", "soon", "invalid float value: 'soon'"),
     ],
 )
 def test_serve_quick_form_flag_errors_are_argparse_errors(
@@ -266,6 +268,16 @@ def test_serve_quick_form_flag_errors_are_argparse_errors(
         (["--workers", "257"], "--workers", "expected an integer from 1 to 256, got 257"),
         (["--grace", "-1"], "--grace", "expected a number of seconds >= 0, got -1.0"),
         (["--grace", "nan"], "--grace", "expected a number of seconds >= 0, got nan"),
+        (
+            ["--health-interval", "0"],
+            "--health-interval",
+            "expected a positive number of seconds, got 0.0",
+        ),
+        (
+            ["--health-interval", "inf"],
+            "--health-interval",
+            "expected a positive number of seconds, got inf",
+        ),
     ],
 )
 def test_serve_bad_overrides(
@@ -371,3 +383,19 @@ def test_a_config_file_alone_keeps_its_values(good: Path) -> None:
     config = serve_config(["--config", str(good)])
     assert (config.workers, config.grace_period) == (2, 5.0)
     assert config.log == LogConfig("info", "json")
+
+
+def test_quick_form_health_flags() -> None:
+    config = serve_config(
+        ["--backend", "127.0.0.1:1", "--health-check", "tcp", "--health-interval", "0.5"]
+    )
+    check = config.clusters[0].health_check
+    assert (check.mode, check.interval) == ("tcp", 0.5)
+    default = serve_config(["--backend", "127.0.0.1:1"]).clusters[0].health_check
+    assert (default.mode, default.interval) == ("grpc", 5.0)
+
+
+def test_health_flags_are_quick_form_flags(good: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["serve", "--config", str(good), "--health-check", "none"], capsys)
+    assert code == 2
+    assert "either --config or the quick form flags, not both" in err
