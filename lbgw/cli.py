@@ -35,6 +35,7 @@ from lbgw.config import (
     is_method_name,
     load_config,
     parse_address,
+    tracing_from_env,
 )
 from lbgw.exceptions import ConfigError, LbgwError
 from lbgw.logs import configure, fields
@@ -220,7 +221,9 @@ def _serve_config(args: argparse.Namespace) -> Config:
         log_config = replace(log_config, level=args.log_level)
     if args.log_format:
         log_config = replace(log_config, format=args.log_format)
-    return replace(config, log=log_config, **changes)
+    # The OTEL_* variables win over the file's [tracing], as they do for any OpenTelemetry SDK.
+    tracing = tracing_from_env(config.tracing, os.environ)
+    return replace(config, log=log_config, tracing=tracing, **changes)
 
 
 # A SIGTERM or SIGINT that arrives before the event loop takes the signals

@@ -1,7 +1,7 @@
 """The gateway's configuration: read once from TOML, validated into frozen dataclasses.
 
-Only this module and ``cli.py`` read files. Every check happens here, at load
-time; a bad value raises ``ConfigError`` naming the file, the dotted key and
+Only this module and ``cli.py`` read files and the environment. Every check
+happens here, at load time; a bad value raises ``ConfigError`` naming the file, the dotted key and
 what was expected, so the rest of lbgw can trust what it is given. See the
 README for a complete commented example.
 
@@ -18,6 +18,12 @@ Layout::
     [clusters.NAME.slow_start]         window, aggression, min_weight_percent
     [clusters.NAME.retries]            max_attempts, budget_percent, min_retry_concurrency
     [[routes]]    one of method / service / package / default, cluster, retry_on
+    [tracing]     service_name, exporter, endpoint, protocol, sampler, sampler_arg,
+                  bsp_schedule_delay_ms, bsp_max_queue_size, bsp_max_export_batch_size,
+                  bsp_export_timeout_ms, health_checks
+
+``tracing_from_env`` lays the standard OpenTelemetry variables over the
+``[tracing]`` table (see ``TracingConfig``).
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import enum
 import ipaddress
 import math
 import tomllib
-from collections.abc import Mapping
+import urllib.parse
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -53,10 +60,12 @@ __all__ = [
     "RouteConfig",
     "SlowStartConfig",
     "StrategyParams",
+    "TracingConfig",
     "config_from_mapping",
     "is_method_name",
     "load_config",
     "parse_address",
+    "tracing_from_env",
 ]
 
 #: gRPC's own default for received messages, used both ways.
@@ -73,6 +82,20 @@ WEIGHTED_STRATEGIES: Final = ("swrr", "ewma", "random", "least_request")
 STATUS_CODES: Final = {
     code.name: code for code in grpc.StatusCode if code is not grpc.StatusCode.OK
 }
+TRACES_EXPORTERS: Final = ("otlp", "console", "none")
+OTLP_PROTOCOLS: Final = ("grpc",)
+TRACES_SAMPLERS: Final = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
+#: OTLP/gRPC's well-known port on this host: OpenTelemetry's default endpoint.
+DEFAULT_OTLP_ENDPOINT: Final = "http://localhost:4317"
+_MAX_BSP_MS: Final = 3_600_000  # an hour
+_MAX_BSP_QUEUE: Final = 1_000_000
 
 
 class MethodKind(enum.Enum):
@@ -230,12 +253,81 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """``[tracing]``: OpenTelemetry spans, exported over OTLP/gRPC (to Jaeger, a collector).
+
+    Each key mirrors a standard OpenTelemetry variable, and that variable,
+    when set and not empty, wins over the file (``tracing_from_env``), so an
+    operator can override a deployed file for one process:
+
+    ==========================  ==================================================
+    key                         variable
+    ==========================  ==================================================
+    service_name                OTEL_SERVICE_NAME
+    exporter                    OTEL_TRACES_EXPORTER (OTEL_SDK_DISABLED=true: none)
+    endpoint                    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, then
+                                OTEL_EXPORTER_OTLP_ENDPOINT
+    protocol                    OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, then
+                                OTEL_EXPORTER_OTLP_PROTOCOL
+    sampler, sampler_arg        OTEL_TRACES_SAMPLER, OTEL_TRACES_SAMPLER_ARG
+    bsp_schedule_delay_ms       OTEL_BSP_SCHEDULE_DELAY
+    bsp_max_queue_size          OTEL_BSP_MAX_QUEUE_SIZE
+    bsp_max_export_batch_size   OTEL_BSP_MAX_EXPORT_BATCH_SIZE
+    bsp_export_timeout_ms       OTEL_BSP_EXPORT_TIMEOUT
+    health_checks               (none: file only)
+    ==========================  ==================================================
+
+    Tracing is off unless asked for, unlike OpenTelemetry's SDK, whose
+    default exporter is ``otlp``: a gateway deployed without a collector
+    would otherwise log export failures for ever. ``exporter`` unset
+    (``None``) means ``"otlp"`` when an endpoint is set, in the file or the
+    environment, and ``"none"`` otherwise; ``effective_exporter`` says which.
+    An explicit ``exporter`` always wins over that, so a file that says
+    ``"none"`` stays off when only an endpoint variable is set.
+
+    ``endpoint`` is a URL, ``http://host:port`` (plaintext) or
+    ``https://host:port`` (TLS), as the OTLP variables take it; unset, it is
+    ``http://localhost:4317``. Only OTLP over gRPC is supported: lbgw ships
+    no OTLP/HTTP exporter, so ``http/protobuf`` and ``http/json`` are
+    refused at load time rather than silently sent over gRPC.
+
+    The OTLP exporter itself still reads the variables lbgw does not model:
+    ``OTEL_EXPORTER_OTLP_[TRACES_]HEADERS``, ``..._CERTIFICATE``,
+    ``..._COMPRESSION`` and ``..._TIMEOUT``.
+    """
+
+    service_name: str = "lbgw"
+    exporter: str | None = None  # "otlp", "console", "none"; None: see above
+    endpoint: str | None = None  # None: DEFAULT_OTLP_ENDPOINT
+    protocol: str = "grpc"
+    sampler: str = "parentbased_always_on"
+    sampler_arg: float = 1.0  # the ratio of the *traceidratio samplers, 0 to 1
+    bsp_schedule_delay_ms: int = 5000  # the batch span processor's, as OpenTelemetry's defaults
+    bsp_max_queue_size: int = 2048
+    bsp_max_export_batch_size: int = 512
+    bsp_export_timeout_ms: int = 30000
+    health_checks: bool = False  # trace the health checker's probes too
+
+    @property
+    def effective_exporter(self) -> str:
+        """The exporter in use: ``exporter``, or ``otlp`` if an endpoint is set, else ``none``."""
+        if self.exporter is not None:
+            return self.exporter
+        return "none" if self.endpoint is None else "otlp"
+
+    @property
+    def endpoint_url(self) -> str:
+        return DEFAULT_OTLP_ENDPOINT if self.endpoint is None else self.endpoint
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listeners: tuple[ListenerConfig, ...]
     clusters: tuple[ClusterConfig, ...]
     routes: tuple[RouteConfig, ...]
     limits: Limits = field(default_factory=Limits)
     log: LogConfig = field(default_factory=LogConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     grace_period: float = 10.0  # seconds that in-flight calls get on SIGTERM
     workers: int = 1
     source: str = "<config>"
@@ -265,6 +357,75 @@ def load_config(path: str | Path) -> Config:
 def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
     """Validate a mapping shaped like the TOML file (as ``tomllib`` returns it)."""
     return _Reader(source).config(data)
+
+
+#: (variable, TracingConfig field); of two variables for one field, the first set wins.
+_TRACING_ENV: Final = (
+    ("OTEL_SERVICE_NAME", "service_name"),
+    ("OTEL_TRACES_EXPORTER", "exporter"),
+    ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "endpoint"),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "endpoint"),
+    ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "protocol"),
+    ("OTEL_EXPORTER_OTLP_PROTOCOL", "protocol"),
+    ("OTEL_TRACES_SAMPLER", "sampler"),
+    ("OTEL_TRACES_SAMPLER_ARG", "sampler_arg"),
+    ("OTEL_BSP_SCHEDULE_DELAY", "bsp_schedule_delay_ms"),
+    ("OTEL_BSP_MAX_QUEUE_SIZE", "bsp_max_queue_size"),
+    ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "bsp_max_export_batch_size"),
+    ("OTEL_BSP_EXPORT_TIMEOUT", "bsp_export_timeout_ms"),
+)
+_TRACING_INTEGERS: Final = frozenset(
+    {
+        "bsp_schedule_delay_ms",
+        "bsp_max_queue_size",
+        "bsp_max_export_batch_size",
+        "bsp_export_timeout_ms",
+    }
+)
+
+
+def tracing_from_env(config: TracingConfig, environ: Mapping[str, str]) -> TracingConfig:
+    """``config`` with the standard OpenTelemetry variables of ``environ`` laid over it.
+
+    A variable that is set and not empty wins over the file (see
+    ``TracingConfig`` for the table). A bad value raises ``ConfigError``
+    with source ``environment`` and the variable's name as the key.
+    ``OTEL_SDK_DISABLED=true`` turns tracing off whatever else is set.
+    """
+    reader = _Reader("environment")
+    data: dict[str, object] = {}
+    keys: dict[str, str] = {}  # field -> the variable it came from, for errors
+    for name, key in _TRACING_ENV:
+        text = environ.get(name, "").strip()
+        if not text or key in data:
+            continue
+        value: object = text
+        if key in _TRACING_INTEGERS:
+            value = _env_number(reader, name, text, integer=True)
+        elif key == "sampler_arg":
+            value = _env_number(reader, name, text, integer=False)
+        elif key in ("exporter", "sampler", "protocol"):
+            value = text.lower()
+        data[key] = value
+        keys[key] = name
+    disabled = environ.get("OTEL_SDK_DISABLED", "").strip().lower()
+    if disabled not in ("", "true", "false"):
+        raise reader.fail("OTEL_SDK_DISABLED", "true or false", disabled)
+    if disabled == "true":
+        data["exporter"] = "none"
+        keys["exporter"] = "OTEL_SDK_DISABLED"
+    if not data:
+        return config
+    merged = {name: getattr(config, name) for name in TracingConfig.__dataclass_fields__}
+    merged.update(data)
+    return reader.tracing_values(merged, lambda key: keys.get(key, f"tracing.{key}"))
+
+
+def _env_number(reader: _Reader, name: str, text: str, *, integer: bool) -> object:
+    try:
+        return int(text) if integer else float(text)
+    except ValueError:
+        raise reader.fail(name, "an integer" if integer else "a number", text) from None
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -343,7 +504,9 @@ class _Reader:
 
     def config(self, data: Mapping[str, Any]) -> Config:
         top = self.table(
-            data, "", frozenset({"server", "listeners", "limits", "log", "clusters", "routes"})
+            data,
+            "",
+            frozenset({"server", "listeners", "limits", "log", "clusters", "routes", "tracing"}),
         )
         server = self.table(top.get("server", {}), "server", frozenset({"grace_period", "workers"}))
         grace = self.number(server.get("grace_period", 10.0), "server.grace_period", positive=False)
@@ -375,12 +538,14 @@ class _Reader:
         names = {c.name for c in clusters}
 
         routes = self.routes(top.get("routes"), names)
+        tracing = self.tracing(top.get("tracing", {}))
         return Config(
             listeners=tuple(listeners),
             clusters=clusters,
             routes=routes,
             limits=limits,
             log=log_config,
+            tracing=tracing,
             grace_period=grace,
             workers=workers,
             source=self.source,
@@ -409,6 +574,73 @@ class _Reader:
             if streams is None
             else self.integer(streams, "limits.max_concurrent_streams", 1, 2**31 - 1),
         )
+
+    def tracing(self, value: object) -> TracingConfig:
+        fields = TracingConfig.__dataclass_fields__
+        table = self.table(value, "tracing", frozenset(fields))
+        defaults = TracingConfig()
+        values = {name: table.get(name, getattr(defaults, name)) for name in fields}
+        return self.tracing_values(values, lambda key: f"tracing.{key}")
+
+    def tracing_values(self, values: Mapping[str, Any], key: Callable[[str], str]) -> TracingConfig:
+        """Check every ``TracingConfig`` field; ``key(field)`` names it in errors."""
+        service_name = self.string(values["service_name"], key("service_name"))
+        if not service_name:
+            raise self.fail(key("service_name"), "a non-empty string", service_name)
+        exporter = values["exporter"]
+        if exporter is not None:
+            exporter = self.string(exporter, key("exporter"), TRACES_EXPORTERS)
+        endpoint = values["endpoint"]
+        if endpoint is not None:
+            endpoint = self.otlp_endpoint(endpoint, key("endpoint"))
+        protocol = values["protocol"]
+        if protocol in ("http/protobuf", "http/json"):
+            raise self.fail(key("protocol"), "'grpc': lbgw exports OTLP over gRPC only", protocol)
+        protocol = self.string(protocol, key("protocol"), OTLP_PROTOCOLS)
+        sampler = self.string(values["sampler"], key("sampler"), TRACES_SAMPLERS)
+        ratio = self.number(values["sampler_arg"], key("sampler_arg"), positive=False, high=1.0)
+        queue = self.integer(
+            values["bsp_max_queue_size"], key("bsp_max_queue_size"), 1, _MAX_BSP_QUEUE
+        )
+        batch = self.integer(
+            values["bsp_max_export_batch_size"], key("bsp_max_export_batch_size"), 1, _MAX_BSP_QUEUE
+        )
+        if batch > queue:  # BatchSpanProcessor refuses it too
+            queue_key, batch_key = key("bsp_max_queue_size"), key("bsp_max_export_batch_size")
+            if batch_key.startswith("tracing.") and not queue_key.startswith("tracing."):
+                # Only the queue size came from the environment: it is the one to blame.
+                raise self.fail(queue_key, f"at least the export batch size, {batch}", queue)
+            raise self.fail(batch_key, f"at most the queue size, {queue}", batch)
+        return TracingConfig(
+            service_name=service_name,
+            exporter=exporter,
+            endpoint=endpoint,
+            protocol=protocol,
+            sampler=sampler,
+            sampler_arg=ratio,
+            bsp_schedule_delay_ms=self.integer(
+                values["bsp_schedule_delay_ms"], key("bsp_schedule_delay_ms"), 1, _MAX_BSP_MS
+            ),
+            bsp_max_queue_size=queue,
+            bsp_max_export_batch_size=batch,
+            bsp_export_timeout_ms=self.integer(
+                values["bsp_export_timeout_ms"], key("bsp_export_timeout_ms"), 1, _MAX_BSP_MS
+            ),
+            health_checks=self.boolean(values["health_checks"], key("health_checks")),
+        )
+
+    def otlp_endpoint(self, value: object, key: str) -> str:
+        text = self.string(value, key)
+        try:
+            url = urllib.parse.urlsplit(text)
+            if url.scheme not in ("http", "https") or url.path not in ("", "/"):
+                raise ValueError(text)
+            _, port = parse_address(url.netloc)
+            if port == 0 or url.query or url.fragment:
+                raise ValueError(text)
+        except ValueError:
+            raise self.fail(key, "a URL http://host:port or https://host:port", value) from None
+        return text
 
     def cluster(self, name: str, value: object) -> ClusterConfig:
         key = f"clusters.{name}"

@@ -399,3 +399,34 @@ def test_health_flags_are_quick_form_flags(good: Path, capsys: pytest.CaptureFix
     code, _, err = run(["serve", "--config", str(good), "--health-check", "none"], capsys)
     assert code == 2
     assert "either --config or the quick form flags, not both" in err
+
+
+# -- tracing: the OTEL_* variables over the file ----------------------------------------------
+
+
+def test_serve_lays_the_otel_variables_over_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "traced.toml"
+    path.write_text(GOOD + '[tracing]\nservice_name = "file"\nexporter = "none"\n', "utf-8")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "edge-1")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
+    tracing = serve_config(["--config", str(path)]).tracing
+    assert (tracing.service_name, tracing.effective_exporter, tracing.endpoint_url) == (
+        "edge-1",
+        "otlp",
+        "http://127.0.0.1:4317",
+    )
+
+
+def test_serve_with_a_bad_otel_variable(
+    good: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "sometimes")
+    code, _, err = run(["serve", "--config", str(good)], capsys)
+    assert code == 2
+    assert err.startswith(
+        "lbgw: config error: environment: OTEL_TRACES_SAMPLER: expected one of 'always_on', "
+    )
+    assert err.endswith(", got 'sometimes'\n")

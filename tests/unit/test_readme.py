@@ -27,3 +27,5 @@ def test_the_readme_config_example_is_valid(tmp_path: Path) -> None:
     assert orders.strategy == "swrr"
     assert dict(orders.methods)["/shop.orders.v1.Orders/Watch"] is MethodKind.SERVER_STREAMING
     assert [r.match for r in config.routes] == ["method", "service", "package", "default"]
+    assert config.tracing.effective_exporter == "otlp"  # the endpoint turns it on
+    assert config.tracing.endpoint_url == "http://localhost:4317"
