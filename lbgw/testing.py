@@ -14,6 +14,10 @@ health service in its own process (for tests that kill one): it prints
 
 ``ManualClock`` stands in for the event loop's ``time``/``call_later`` in
 unit tests of ``endpoints.ClusterHealth``.
+
+``OtlpReceiver`` is a real OTLP/gRPC trace receiver (what Jaeger or a
+collector serves on 4317): it decodes the spans an exporter sends, so a test
+can check what lbgw exported over the wire.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -30,6 +34,11 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha.reflection import SERVICE_NAME, enable_server_reflection
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as SpanProto
+from opentelemetry.proto.trace.v1.trace_pb2 import Status as StatusProto
+from opentelemetry.trace import SpanKind, StatusCode
 
 from lbgw.health import HealthService
 from lbgw.pb import echo_pb2, echo_pb2_grpc
@@ -37,7 +46,15 @@ from lbgw.pb import echo_pb2, echo_pb2_grpc
 if TYPE_CHECKING:
     _Context: TypeAlias = aio.ServicerContext[Any, Any]
 
-__all__ = ["EchoBackend", "ManualClock", "Seen", "echo_registrar", "serve"]
+__all__ = [
+    "EchoBackend",
+    "ManualClock",
+    "OtlpReceiver",
+    "ReceivedSpan",
+    "Seen",
+    "echo_registrar",
+    "serve",
+]
 
 
 @dataclass
@@ -279,6 +296,103 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any free one)")
     args = parser.parse_args(argv)
     asyncio.run(_serve_forever(args.name, args.port))
+
+
+@dataclass(frozen=True)
+class ReceivedSpan:
+    """One span as an ``OtlpReceiver`` received it; ids are lowercase hex, as W3C writes them."""
+
+    trace_id: str
+    span_id: str
+    parent_span_id: str | None  # None for a root span
+    name: str
+    kind: SpanKind
+    attributes: dict[str, Any]
+    status: StatusCode
+    status_message: str
+    service_name: str | None  # the resource's service.name
+    scope: str  # the instrumentation scope, "lbgw" for lbgw's spans
+
+
+class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """A real OTLP/gRPC trace receiver, ``TraceService/Export``, that keeps what it gets.
+
+    ``async with serve(receiver.register) as address:`` runs it on loopback;
+    point an exporter at ``http://{address}``, then ``await
+    receiver.wait_for(n)``. It answers from the event loop: an exporter in
+    the same process flushes from a thread (``asyncio.to_thread``), or the
+    two wait on each other.
+    """
+
+    def __init__(self) -> None:
+        self.spans: list[ReceivedSpan] = []
+        self.requests = 0
+        self._arrived = asyncio.Condition()
+
+    def __repr__(self) -> str:
+        return f"<OtlpReceiver requests={self.requests} spans={len(self.spans)}>"
+
+    def register(self, server: aio.Server) -> None:
+        """``register`` for ``serve``."""
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, server)  # type: ignore[no-untyped-call]
+
+    async def Export(  # noqa: N802 - the gRPC method's name
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: _Context
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        for resource_spans in request.resource_spans:
+            resource = _attributes(resource_spans.resource.attributes)
+            service = resource.get("service.name")
+            for scope_spans in resource_spans.scope_spans:
+                scope = scope_spans.scope.name
+                self.spans.extend(_received(span, service, scope) for span in scope_spans.spans)
+        self.requests += 1
+        async with self._arrived:
+            self._arrived.notify_all()
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    async def wait_for(self, count: int, timeout: float = 10.0) -> list[ReceivedSpan]:
+        """Every span received, once there are at least ``count``; AssertionError on timeout."""
+        try:
+            async with asyncio.timeout(timeout), self._arrived:
+                await self._arrived.wait_for(lambda: len(self.spans) >= count)
+        except TimeoutError:
+            names = [s.name for s in self.spans]
+            raise AssertionError(
+                f"{len(self.spans)} of {count} spans received within {timeout}s: {names}"
+            ) from None
+        return list(self.spans)
+
+
+def _value(value: AnyValue) -> Any:
+    which = value.WhichOneof("value")
+    if which is None:
+        return None
+    if which == "array_value":
+        return [_value(v) for v in value.array_value.values]
+    if which == "kvlist_value":
+        return _attributes(value.kvlist_value.values)
+    return getattr(value, which)
+
+
+def _attributes(pairs: Iterable[KeyValue]) -> dict[str, Any]:
+    return {kv.key: _value(kv.value) for kv in pairs}
+
+
+def _received(span: SpanProto, service: str | None, scope: str) -> ReceivedSpan:
+    kind = SpanProto.SpanKind.Name(span.kind).removeprefix("SPAN_KIND_")
+    status = StatusProto.StatusCode.Name(span.status.code).removeprefix("STATUS_CODE_")
+    return ReceivedSpan(
+        trace_id=span.trace_id.hex(),
+        span_id=span.span_id.hex(),
+        parent_span_id=span.parent_span_id.hex() or None,
+        name=span.name,
+        kind=SpanKind.INTERNAL if kind == "UNSPECIFIED" else SpanKind[kind],
+        attributes=_attributes(span.attributes),
+        status=StatusCode[status],
+        status_message=span.status.message,
+        service_name=service,
+        scope=scope,
+    )
 
 
 if __name__ == "__main__":
