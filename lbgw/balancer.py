@@ -21,6 +21,7 @@ Strategies map onto the kernels of ``lbgw.kernels``:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from lbgw._typing import Kernel
@@ -34,6 +35,9 @@ from lbgw.kernels import (
     RoundRobin,
     SmoothWeightedRoundRobin,
 )
+
+#: The most candidates a trace lists for one pick.
+MAX_TRACED_CANDIDATES = 16
 
 #: Slow start scales kernel weights by up to this much, so that a share of
 #: a small weight (10% of weight 1) is still a fraction and not rounded away.
@@ -146,3 +150,30 @@ class Balancer:
 
     def share(self, i: int) -> float:
         return self._shares[i]
+
+    def candidates(self, limit: int = MAX_TRACED_CANDIDATES) -> list[tuple[str, dict[str, float]]]:
+        """The endpoints in rotation and the figures the strategy picks by, for traces.
+
+        Called before a pick, so the figures are the ones the pick sees:
+        every strategy gives ``weight`` (as slow start has it now) and
+        ``in_flight``; ``ewma`` adds ``cost`` (its Peak EWMA latency estimate
+        times in-flight calls, in milliseconds). At most ``limit`` endpoints,
+        in index order. Only sampled calls pay for this.
+        """
+        kernel = self.kernel
+        ewma = self.strategy == "ewma"
+        now = time.monotonic_ns()
+        out: list[tuple[str, dict[str, float]]] = []
+        for i, address in enumerate(self.addresses):
+            if not kernel.is_eligible(i):
+                continue
+            scores: dict[str, float] = {
+                "weight": round(self.weights[i] * self._shares[i], 3),
+                "in_flight": kernel.in_flight(i),
+            }
+            if ewma:
+                scores["cost"] = round(kernel.cost(i, now) / 1e6, 3)  # type: ignore[attr-defined]
+            out.append((address, scores))
+            if len(out) == limit:
+                break
+        return out

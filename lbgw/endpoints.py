@@ -43,7 +43,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 import grpc
@@ -385,11 +385,16 @@ class ClusterHealth:
         self._ramp_timer = None
         self._ramp()
 
-    def slow_start_share(self, i: int) -> float:
-        """The share of its weight that endpoint ``i`` has now (1.0 unless ramping)."""
-        return self.balancer.share(i)
+    def skipped(self, exclude: int = -1) -> list[tuple[str, str]]:
+        """The endpoints a pick now leaves out, and why, for traces.
 
-
-def eligible_addresses(health: ClusterHealth, addresses: Iterable[str]) -> list[str]:
-    """The addresses of the endpoints in rotation, for logs and tests."""
-    return [a for i, a in enumerate(addresses) if health.balancer.is_eligible(i)]
+        The reason is the endpoint's state (``not_serving``, ``ejected``,
+        ``draining``), or ``tried`` for ``exclude``, the endpoint a retry
+        moves away from.
+        """
+        balancer = self.balancer
+        return [
+            (e.address, "tried" if e.index == exclude else e.state.value)
+            for e in self._endpoints
+            if e.index == exclude or not balancer.is_eligible(e.index)
+        ]

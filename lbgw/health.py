@@ -17,6 +17,10 @@ which applies thresholds and states. Modes, per cluster
 * ``tcp``: connect and close, for backends without the health service.
 * ``none``: every endpoint is SERVING; passive ejection still applies.
 
+With ``[tracing] health_checks = true``, each ``Check`` probe is a root
+CLIENT span; ``Watch`` streams are long-lived and are not traced. Every
+change of an endpoint's state is a log line either way (``endpoints.py``).
+
 ``HealthService`` is the health service that lbgw itself serves on its
 listeners: ``""`` is SERVING while lbgw accepts calls and NOT_SERVING from the
 moment a drain starts; each cluster's name is SERVING while the cluster has
@@ -41,6 +45,7 @@ from lbgw.backends import Backend
 from lbgw.config import HealthCheckConfig, parse_address
 from lbgw.endpoints import ClusterHealth
 from lbgw.logs import fields
+from lbgw.telemetry import Telemetry, end_span
 
 if TYPE_CHECKING:
     _Context: TypeAlias = aio.ServicerContext[Any, Any]
@@ -59,9 +64,14 @@ class HealthChecker:
     """The active checks of one cluster: one task per endpoint."""
 
     def __init__(
-        self, health: ClusterHealth, backends: Sequence[Backend], config: HealthCheckConfig
+        self,
+        health: ClusterHealth,
+        backends: Sequence[Backend],
+        config: HealthCheckConfig,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.health = health
+        self.telemetry = telemetry
         self.backends = tuple(backends)
         self.config = config
         self._tasks: list[asyncio.Task[None]] = []
@@ -136,11 +146,17 @@ class HealthChecker:
         return health_pb2.HealthCheckRequest(service=self.config.service)
 
     async def _check(self, i: int) -> None:
+        address = self.backends[i].address
+        span = None
+        if self.telemetry is not None and self.telemetry.health_checks:
+            span = self.telemetry.health_check_span(address)
         stub = health_pb2_grpc.HealthStub(self.backends[i].channel)
         try:
             response = await stub.Check(self._request(), timeout=self.config.timeout)
         except aio.AioRpcError as error:
             code = error.code()
+            if span is not None:
+                end_span(span, code, error.details())
             if code is grpc.StatusCode.UNIMPLEMENTED:
                 self._unimplemented(i, "Check")
             elif code is grpc.StatusCode.NOT_FOUND:  # the server does not know the service
@@ -148,6 +164,8 @@ class HealthChecker:
             else:
                 self.health.check_failed(i, f"Check failed: {code.name} {error.details() or ''}")
             return
+        if span is not None:
+            end_span(span, grpc.StatusCode.OK)
         self._status(i, response.status)
 
     async def _watch(self, i: int) -> bool:

@@ -48,10 +48,11 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias
 import grpc
 from grpc import aio
 from grpc._cython import cygrpc  # type: ignore[attr-defined]  # see _send
+from opentelemetry.trace import Span
 
 from lbgw.backends import Backend
 from lbgw.balancer import Balancer
-from lbgw.config import MethodKind, RetryConfig
+from lbgw.config import MethodKind, RetryConfig, TracingConfig
 from lbgw.endpoints import ClusterHealth
 from lbgw.exceptions import (
     EndpointUnreachableError,
@@ -61,6 +62,7 @@ from lbgw.exceptions import (
 )
 from lbgw.logs import fields
 from lbgw.routing import Router
+from lbgw.telemetry import Telemetry, end_span, record_decision, with_span
 
 __all__ = ["Cluster", "Proxy", "Target", "forwarded_metadata"]
 
@@ -91,12 +93,13 @@ RESERVED_PREFIXES: Final = ("grpc-", ":")
 _MAX_CACHED_HANDLERS: Final = 4096
 
 _Metadata: TypeAlias = Iterable[tuple[str, str | bytes]]
+_Forwarded: TypeAlias = tuple[tuple[str, str | bytes], ...] | None
 if TYPE_CHECKING:
     _Context: TypeAlias = aio.ServicerContext[Any, Any]
     _Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
 
 
-def forwarded_metadata(metadata: _Metadata | None) -> tuple[tuple[str, str | bytes], ...] | None:
+def forwarded_metadata(metadata: _Metadata | None) -> _Forwarded:
     """The client's metadata as sent on to the backend, or None if nothing is left."""
     if not metadata:
         return None
@@ -157,17 +160,24 @@ class Cluster:
 
 
 class Target:
-    """What a route leads to: a cluster, and the codes retried on its calls."""
+    """What a route leads to: a cluster, and the codes retried on its calls.
 
-    __slots__ = ("cluster", "retry_on")
+    ``route`` names the route for traces: ``method /p.S/M``, ``service
+    p.S``, ``package p`` or ``default``.
+    """
 
-    def __init__(self, cluster: Cluster, retry_on: Iterable[grpc.StatusCode]) -> None:
+    __slots__ = ("cluster", "retry_on", "route")
+
+    def __init__(
+        self, cluster: Cluster, retry_on: Iterable[grpc.StatusCode], route: str = "default"
+    ) -> None:
         self.cluster = cluster
         self.retry_on = frozenset(retry_on)
+        self.route = route
 
     def __repr__(self) -> str:
         codes = ",".join(sorted(c.name for c in self.retry_on)) or "-"
-        return f"<Target {self.cluster.name} retry_on={codes}>"
+        return f"<Target {self.cluster.name} route={self.route!r} retry_on={codes}>"
 
 
 class Proxy(grpc.GenericRpcHandler):
@@ -179,8 +189,14 @@ class Proxy(grpc.GenericRpcHandler):
     lbgw's memory; calls with no route get a reject handler, never cached.
     """
 
-    def __init__(self, router: Router[Target], clusters: Iterable[Cluster]) -> None:
+    def __init__(
+        self,
+        router: Router[Target],
+        clusters: Iterable[Cluster],
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self._router = router
+        self._telemetry = telemetry or Telemetry(TracingConfig(exporter="none"))
         self._known: dict[str, _Handler] = {}
         self._recent: collections.OrderedDict[str, _Handler] = collections.OrderedDict()
         for cluster in clusters:
@@ -208,47 +224,71 @@ class Proxy(grpc.GenericRpcHandler):
         """The handler for ``method``: its route, its kind, its multicallables."""
         target = self._router.match(method)
         if target is None:
-            return grpc.stream_stream_rpc_method_handler(_reject(NoRouteError(method)))
+            return grpc.stream_stream_rpc_method_handler(
+                _reject(NoRouteError(method), self._telemetry, method)
+            )
         handler = self._build(target, method)
         self._recent[method] = handler
         if len(self._recent) > _MAX_CACHED_HANDLERS:
             self._recent.popitem(last=False)
         return handler
 
-    @staticmethod
-    def _build(target: Target, method: str) -> _Handler:
+    def _build(self, target: Target, method: str) -> _Handler:
         kind = target.cluster.kinds.get(method)
         channels = [b.channel for b in target.cluster.backends]
+        tel = self._telemetry
         if kind is MethodKind.UNARY:
             return grpc.unary_unary_rpc_method_handler(
                 _unary_response(
-                    target, [c.unary_unary(method) for c in channels], streaming_request=False
+                    target,
+                    [c.unary_unary(method) for c in channels],
+                    streaming_request=False,
+                    telemetry=tel,
+                    method=method,
                 )
             )
         if kind is MethodKind.CLIENT_STREAMING:
             return grpc.stream_unary_rpc_method_handler(
                 _unary_response(
-                    target, [c.stream_unary(method) for c in channels], streaming_request=True
+                    target,
+                    [c.stream_unary(method) for c in channels],
+                    streaming_request=True,
+                    telemetry=tel,
+                    method=method,
                 )
             )
         if kind is MethodKind.SERVER_STREAMING:
             return grpc.unary_stream_rpc_method_handler(
                 _stream_response(
-                    target, [c.unary_stream(method) for c in channels], streaming_request=False
+                    target,
+                    [c.unary_stream(method) for c in channels],
+                    streaming_request=False,
+                    telemetry=tel,
+                    method=method,
                 )
             )
         # Bidi, or a kind lbgw does not know: stream_stream forwards any kind.
         return grpc.stream_stream_rpc_method_handler(
             _stream_response(
-                target, [c.stream_stream(method) for c in channels], streaming_request=True
+                target,
+                [c.stream_stream(method) for c in channels],
+                streaming_request=True,
+                telemetry=tel,
+                method=method,
             )
         )
 
 
-def _reject(error: GatewayError) -> Callable[[Any, _Context], Awaitable[None]]:
+def _reject(
+    error: GatewayError, telemetry: Telemetry, method: str
+) -> Callable[[Any, _Context], Awaitable[None]]:
     code, message = error.code, str(error)
+    traced = telemetry.enabled
 
     async def reject(request: Any, context: _Context) -> None:
+        if traced:  # a call rejected before any attempt still has its server span
+            parent = telemetry.extract(context.invocation_metadata())
+            end_span(telemetry.server_span(method, context.peer(), parent), code, message)
         await context.abort(code, message)
 
     return reject
@@ -261,8 +301,8 @@ async def _relay_error(
     backend: Backend,
     *,
     initial_sent: bool,
-) -> None:
-    """End the client's call with the backend's status, details and metadata."""
+) -> str | None:
+    """End the client's call with the backend's status, details and metadata; the details."""
     code = error.code()
     details = error.details()
     initial = error.initial_metadata()
@@ -279,6 +319,7 @@ async def _relay_error(
     context.set_code(code)
     if details:
         context.set_details(details)
+    return details
 
 
 def _observed(error: aio.AioRpcError, backend: Backend) -> bool:
@@ -346,7 +387,7 @@ async def _feed(
 def _start(
     multicallable: Any,
     request: Any,
-    metadata: tuple[tuple[str, str | bytes], ...] | None,
+    metadata: _Forwarded,
     context: _Context,
     streaming_request: bool,
 ) -> tuple[Any, asyncio.Task[None] | None, list[bool]]:
@@ -368,8 +409,90 @@ def _end(call: Any, feeder: asyncio.Task[None] | None) -> None:
         call.cancel()
 
 
+class _Traced:
+    """One traced call: its SERVER span, and the CLIENT span of the attempt under way.
+
+    Each pick goes through ``pick`` here, which records the decision on the
+    attempt's span: the candidates and their scores as the picker saw them,
+    the endpoints out of rotation and why, and the pick's duration. The
+    figures are gathered only when the call is sampled. An unsampled call
+    gets no attempt spans: the backend is sent the server span's context,
+    whose flags say "not sampled", so its spans are dropped alike.
+    """
+
+    __slots__ = ("attempt", "call", "method", "parent", "recording", "target", "telemetry")
+
+    def __init__(self, telemetry: Telemetry, target: Target, method: str, context: _Context):
+        self.telemetry = telemetry
+        self.target = target
+        self.method = method
+        self.parent = telemetry.extract(context.invocation_metadata())
+        self.call = telemetry.server_span(method, context.peer(), self.parent)
+        self.recording = self.call.is_recording()
+        self.attempt: Span | None = None
+
+    def pick(self, attempt: int, exclude: int, reason: str | None) -> int:
+        """Pick for ``attempt`` (never ``exclude``, for a retry) and open its span."""
+        cluster = self.target.cluster
+        balancer = cluster.balancer
+        if not self.recording:
+            i = balancer.pick() if exclude < 0 else balancer.pick_other(exclude)
+            self.attempt = self.call
+            return i
+        candidates = balancer.candidates()
+        skipped = cluster.health.skipped(exclude)
+        started = time.perf_counter_ns()
+        try:
+            i = balancer.pick() if exclude < 0 else balancer.pick_other(exclude)
+        except NoEligibleEndpointError:
+            record_decision(
+                self.call,
+                cluster.name,
+                balancer.strategy,
+                None,
+                skipped=skipped,
+                route=self.target.route,
+            )
+            raise
+        took = time.perf_counter_ns() - started
+        address = cluster.backends[i].address
+        span = self.telemetry.attempt_span(self.call, self.method, address, attempt, reason)
+        record_decision(
+            span,
+            cluster.name,
+            balancer.strategy,
+            address,
+            candidates=candidates,
+            skipped=skipped,
+            pick_ns=took,
+            route=self.target.route,
+        )
+        self.attempt = span
+        return i
+
+    def metadata(self, metadata: _Forwarded) -> _Forwarded:
+        """The metadata for the attempt: W3C trace context from the attempt's span."""
+        span = self.attempt if self.attempt is not None else self.call
+        return self.telemetry.inject(metadata, with_span(span, self.parent)) or None
+
+    def end_attempt(self, code: grpc.StatusCode, details: str | None) -> None:
+        span, self.attempt = self.attempt, None
+        if span is not None and span is not self.call:
+            end_span(span, code, details)
+
+    def end(self, code: grpc.StatusCode, details: str | None) -> None:
+        self.end_attempt(code, details)
+        end_span(self.call, code, details)
+
+
 def _retry_to(
-    target: Target, i: int, code: grpc.StatusCode, attempt: int, context: _Context
+    target: Target,
+    i: int,
+    code: grpc.StatusCode,
+    attempt: int,
+    context: _Context,
+    *,
+    traced: _Traced | None,
 ) -> int:
     """The endpoint for the next attempt after ``i`` failed with ``code``, or -1: no retry."""
     cluster = target.cluster
@@ -381,7 +504,10 @@ def _retry_to(
     if not cluster.may_retry():
         return -1
     try:
-        j = cluster.balancer.pick_other(i)
+        if traced is None:
+            j = cluster.balancer.pick_other(i)
+        else:
+            j = traced.pick(attempt + 1, i, code.name)
     except NoEligibleEndpointError:
         return -1
     cluster.retry_stats["sent"] += 1
@@ -398,8 +524,18 @@ def _retry_to(
     return j
 
 
+_CANCELLED: Final = grpc.StatusCode.CANCELLED
+_OK: Final = grpc.StatusCode.OK
+_GONE: Final = "cancelled by the client, or its deadline passed"
+
+
 def _unary_response(
-    target: Target, calls: Sequence[Any], *, streaming_request: bool
+    target: Target,
+    calls: Sequence[Any],
+    *,
+    streaming_request: bool,
+    telemetry: Telemetry,
+    method: str,
 ) -> Callable[[Any, _Context], Awaitable[bytes | None]]:
     """The forwarder for unary and client-streaming methods (one response)."""
     cluster = target.cluster
@@ -408,14 +544,21 @@ def _unary_response(
     succeeded, failed = health.succeeded, health.failed
     backends = cluster.backends
     clock = time.monotonic_ns
+    traced = telemetry.enabled
 
     async def forward(request: Any, context: _Context) -> bytes | None:
+        tr = _Traced(telemetry, target, method, context) if traced else None
         try:
-            i = pick()
+            i = pick() if tr is None else tr.pick(1, -1, None)
         except NoEligibleEndpointError as exc:
+            if tr is not None:
+                tr.end(exc.code, str(exc))
             await context.abort(exc.code, str(exc))
         metadata = forwarded_metadata(context.invocation_metadata())
         attempt = 1
+        # What the trace says if the handler is cancelled:
+        code: grpc.StatusCode = _CANCELLED
+        details: str | None = _GONE
         cluster.active += 1
         try:
             while True:
@@ -424,13 +567,12 @@ def _unary_response(
                 call = feeder = None
                 retry_to = -1
                 reading = [False]
+                sent = metadata if tr is None else tr.metadata(metadata)
                 try:
                     if streaming_request:
-                        call, feeder, reading = _start(calls[i], request, metadata, context, True)
+                        call, feeder, reading = _start(calls[i], request, sent, context, True)
                     else:  # the fast path, inline
-                        call = calls[i](
-                            request, metadata=metadata, timeout=context.time_remaining()
-                        )
+                        call = calls[i](request, metadata=sent, timeout=context.time_remaining())
                     response: bytes = await call
                     latency = clock() - start
                     succeeded(i)
@@ -440,16 +582,21 @@ def _unary_response(
                     trailing = await call.trailing_metadata()
                     if trailing:
                         context.set_trailing_metadata(trailing)
+                    code, details = _OK, None
                     return response
                 except aio.AioRpcError as error:
                     code = error.code()
                     if _observed(error, backends[i]):
                         latency = clock() - start
                     failed(i, code)
+                    if tr is not None:
+                        tr.end_attempt(code, error.details())
                     if not (streaming_request and reading[0]):
-                        retry_to = _retry_to(target, i, code, attempt, context)
+                        retry_to = _retry_to(target, i, code, attempt, context, traced=tr)
                     if retry_to < 0:
-                        await _relay_error(context, error, cluster, backends[i], initial_sent=False)
+                        details = await _relay_error(
+                            context, error, cluster, backends[i], initial_sent=False
+                        )
                         return None
                 finally:
                     _end(call, feeder)
@@ -462,12 +609,19 @@ def _unary_response(
             cluster.active -= 1
             if attempt > 1:
                 cluster.retrying -= 1
+            if tr is not None:
+                tr.end(code, details)
 
     return forward
 
 
 def _stream_response(
-    target: Target, calls: Sequence[Any], *, streaming_request: bool
+    target: Target,
+    calls: Sequence[Any],
+    *,
+    streaming_request: bool,
+    telemetry: Telemetry,
+    method: str,
 ) -> Callable[[Any, _Context], Awaitable[None]]:
     """The forwarder for server-streaming and bidi methods, and unknown kinds.
 
@@ -481,14 +635,21 @@ def _stream_response(
     succeeded, failed = health.succeeded, health.failed
     backends = cluster.backends
     clock = time.monotonic_ns
+    traced = telemetry.enabled
 
     async def forward(request: Any, context: _Context) -> None:
+        tr = _Traced(telemetry, target, method, context) if traced else None
         try:
-            i = pick()
+            i = pick() if tr is None else tr.pick(1, -1, None)
         except NoEligibleEndpointError as exc:
+            if tr is not None:
+                tr.end(exc.code, str(exc))
             await context.abort(exc.code, str(exc))
         metadata = forwarded_metadata(context.invocation_metadata())
         attempt = 1
+        # What the trace says if the handler is cancelled:
+        code: grpc.StatusCode = _CANCELLED
+        details: str | None = _GONE
         cluster.active += 1
         try:
             while True:
@@ -499,9 +660,10 @@ def _stream_response(
                 call = feeder = None
                 retry_to = -1
                 reading = [False]
+                sent = metadata if tr is None else tr.metadata(metadata)
                 try:
                     call, feeder, reading = _start(
-                        calls[i], request, metadata, context, streaming_request
+                        calls[i], request, sent, context, streaming_request
                     )
                     initial = await call.initial_metadata()
                     headers = clock()
@@ -516,16 +678,19 @@ def _stream_response(
                         context.set_trailing_metadata(trailing)
                     latency = headers - start
                     succeeded(i)
+                    code, details = _OK, None
                     return
                 except aio.AioRpcError as error:
                     code = error.code()
                     if _observed(error, backends[i]):
                         latency = (headers or clock()) - start
                     failed(i, code)
+                    if tr is not None:
+                        tr.end_attempt(code, error.details())
                     if not relayed and not reading[0]:
-                        retry_to = _retry_to(target, i, code, attempt, context)
+                        retry_to = _retry_to(target, i, code, attempt, context, traced=tr)
                     if retry_to < 0:
-                        await _relay_error(
+                        details = await _relay_error(
                             context, error, cluster, backends[i], initial_sent=relayed
                         )
                         return
@@ -540,5 +705,7 @@ def _stream_response(
             cluster.active -= 1
             if attempt > 1:
                 cluster.retrying -= 1
+            if tr is not None:
+                tr.end(code, details)
 
     return forward

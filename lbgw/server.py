@@ -29,6 +29,7 @@ from lbgw.logs import fields
 from lbgw.proxy import Cluster, Proxy, Target
 from lbgw.reflection import discover_kinds
 from lbgw.routing import Router
+from lbgw.telemetry import Telemetry
 
 __all__ = ["Gateway", "StartError"]
 
@@ -56,8 +57,12 @@ def server_options(config: Config, *, reuse_port: bool) -> list[tuple[str, Any]]
 class Gateway:
     """lbgw itself: ``async with Gateway(config) as gw: ... gw.addresses``."""
 
-    def __init__(self, config: Config, *, reuse_port: bool = False) -> None:
+    def __init__(
+        self, config: Config, *, reuse_port: bool = False, telemetry: Telemetry | None = None
+    ) -> None:
+        """``telemetry`` replaces the one ``config.tracing`` describes (tests pass their own)."""
         self.config = config
+        self.telemetry = telemetry if telemetry is not None else Telemetry(config.tracing)
         self._reuse_port = reuse_port
         self._server: aio.Server | None = None
         self._backends: list[Backend] = []
@@ -103,7 +108,7 @@ class Gateway:
             balancer = Balancer(cc)
             health = ClusterHealth(cc, balancer, clock=loop.time, call_later=loop.call_later)
             self.health.track(health)
-            checker = HealthChecker(health, backends, cc.health_check)
+            checker = HealthChecker(health, backends, cc.health_check, self.telemetry)
             self._checkers.append(checker)
             checker.start()
             kinds = {}
@@ -119,9 +124,10 @@ class Gateway:
         clusters = self.clusters
 
         def target(route: RouteConfig) -> Target:
-            return Target(clusters[route.cluster], route.retry_on)
+            name = f"{route.match} {route.value}" if route.value else route.match
+            return Target(clusters[route.cluster], route.retry_on, name)
 
-        self.proxy = Proxy(Router(config.routes, target), clusters.values())
+        self.proxy = Proxy(Router(config.routes, target), clusters.values(), self.telemetry)
         # lbgw's own health service comes first, so its calls are never forwarded.
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         server.add_generic_rpc_handlers((self.proxy,))
@@ -167,6 +173,8 @@ class Gateway:
             await checker.stop()
             checker.health.drain()
         await self._close_backends()
+        # Flushes the spans still queued; it blocks, so off the event loop.
+        await asyncio.to_thread(self.telemetry.shutdown)
 
     async def _close_backends(self) -> None:
         backends, self._backends = self._backends, []

@@ -302,10 +302,12 @@ class Telemetry:
 
     # -- propagation ------------------------------------------------------------------------
 
-    def extract(self, metadata: Metadata | None) -> Context:
+    def extract(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Context:
         """The client's trace context and baggage from its metadata (W3C headers)."""
         if not self.enabled or not metadata:
             return _ROOT
+        if not isinstance(metadata, Sequence):
+            metadata = tuple(metadata)
         return _PROPAGATOR.extract(metadata, _ROOT, _GETTER)
 
     def inject(
