@@ -327,7 +327,7 @@ class ClusterHealth:
                 endpoint=e.address,
                 previous=old.value,
                 state=new.value,
-                event=event.value,
+                trigger=event.value,
                 reason=reason,
             ),
         )
