@@ -15,6 +15,7 @@ import signal
 from grpc import aio
 
 from lbgw.config import config_from_mapping
+from lbgw.health import HealthService
 from lbgw.pb import echo_pb2, echo_pb2_grpc
 from lbgw.server import Gateway
 from lbgw.testing import EchoBackend, echo_registrar, serve
@@ -46,8 +47,8 @@ async def run_demo(listen: str, calls: int, *, once: bool) -> int:
         loop.add_signal_handler(sig, stop.set)
     one, three = EchoBackend("backend-1 (weight 1)"), EchoBackend("backend-2 (weight 3)")
     async with (
-        serve(echo_registrar(one, reflection=True)) as a,
-        serve(echo_registrar(three, reflection=True)) as b,
+        serve(echo_registrar(one, reflection=True, health=HealthService())) as a,
+        serve(echo_registrar(three, reflection=True, health=HealthService())) as b,
     ):
         config = config_from_mapping(
             {
