@@ -11,6 +11,7 @@ from lbgw.kernels import (
     Random,
     RoundRobin,
     SmoothWeightedRoundRobin,
+    hash64,
 )
 
 __all__ = [
@@ -24,5 +25,6 @@ __all__ = [
     "Random",
     "RoundRobin",
     "SmoothWeightedRoundRobin",
+    "hash64",
 ]
 __version__ = "0.1.0"

@@ -4,6 +4,10 @@
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
 
+# xxHash64 (Yann Collet) of the n bytes at p: stable across processes and machines.
+cdef uint64_t xxh64(const unsigned char *p, size_t n, uint64_t seed) noexcept nogil
+
+
 ctypedef struct _Slot:
     # One backend's entry in SmoothWeightedRoundRobin's EDF heap. Its deadline
     # is u / 2w; entries compare by u_a * w_b < u_b * w_a, then by index.

@@ -8,6 +8,8 @@ MAX_WEIGHT: int
 MAX_ACTIVE_REQUEST_BIAS: float
 EDF_THRESHOLD: int
 
+def hash64(data: bytes, seed: int = 0) -> int: ...
+
 class _Kernel:
     name: ClassVar[str]
     @property

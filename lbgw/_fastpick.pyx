@@ -8,7 +8,8 @@ C arrays owned by the object, rebuilt when rotation or weights change, so
 ``pick()`` only walks prebuilt arrays: its body is a ``noexcept nogil``
 function that touches no Python object. ``pick_many(count)`` runs that body
 in a C loop without the GIL, which measures the kernel without Python's call
-overhead.
+overhead. ``hash64`` (xxHash64) is a ``nogil`` C function on a byte pointer
+and a length, so a kernel can hash a key without leaving C.
 
 Floating-point results match the twins bit for bit: the same IEEE operations
 in the same order (setup.py turns off FMA contraction) and libm's ``log``,
@@ -43,11 +44,42 @@ cdef extern from "Python.h":
 
 cdef extern from *:
     """
+    #include <string.h>
     static inline uint64_t lbgw_mulhi64(uint64_t a, uint64_t b) {
         return (uint64_t)(((unsigned __int128)a * b) >> 64);
     }
+    /* Little-endian loads at any alignment, as xxHash64 reads its input. */
+    static inline uint64_t lbgw_le64(const unsigned char *p) {
+        uint64_t v;
+        memcpy(&v, p, sizeof v);
+    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+        v = __builtin_bswap64(v);
+    #endif
+        return v;
+    }
+    static inline uint32_t lbgw_le32(const unsigned char *p) {
+        uint32_t v;
+        memcpy(&v, p, sizeof v);
+    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+        v = __builtin_bswap32(v);
+    #endif
+        return v;
+    }
+    /* xxHash64's primes. */
+    #define LBGW_XXH_P1 0x9E3779B185EBCA87ULL
+    #define LBGW_XXH_P2 0xC2B2AE3D27D4EB4FULL
+    #define LBGW_XXH_P3 0x165667B19E3779F9ULL
+    #define LBGW_XXH_P4 0x85EBCA77C2B2AE63ULL
+    #define LBGW_XXH_P5 0x27D4EB2F165667C5ULL
     """
     uint64_t lbgw_mulhi64(uint64_t a, uint64_t b) nogil
+    uint64_t lbgw_le64(const unsigned char *p) nogil
+    uint32_t lbgw_le32(const unsigned char *p) nogil
+    uint64_t _XXH_P1 "LBGW_XXH_P1"
+    uint64_t _XXH_P2 "LBGW_XXH_P2"
+    uint64_t _XXH_P3 "LBGW_XXH_P3"
+    uint64_t _XXH_P4 "LBGW_XXH_P4"
+    uint64_t _XXH_P5 "LBGW_XXH_P5"
 
 
 cdef inline uint64_t _next(uint64_t *state) noexcept nogil:
@@ -57,6 +89,66 @@ cdef inline uint64_t _next(uint64_t *state) noexcept nogil:
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
     return z ^ (z >> 31)
+
+
+cdef inline uint64_t _rotl(uint64_t x, int r) noexcept nogil:
+    return (x << r) | (x >> (64 - r))
+
+
+cdef inline uint64_t _xxh_round(uint64_t acc, uint64_t lane) noexcept nogil:
+    return _rotl(acc + lane * _XXH_P2, 31) * _XXH_P1
+
+
+cdef inline uint64_t _xxh_merge(uint64_t h, uint64_t v) noexcept nogil:
+    return (h ^ _xxh_round(0, v)) * _XXH_P1 + _XXH_P4
+
+
+cdef uint64_t xxh64(const unsigned char *p, size_t n, uint64_t seed) noexcept nogil:
+    """xxHash64 (Yann Collet) of the ``n`` bytes at ``p``; the twin ``lbgw.picking.hash64``."""
+    cdef const unsigned char *end = p + n
+    cdef uint64_t h, v1, v2, v3, v4
+    if n >= 32:
+        v1 = seed + _XXH_P1 + _XXH_P2
+        v2 = seed + _XXH_P2
+        v3 = seed
+        v4 = seed - _XXH_P1
+        while end - p >= 32:
+            v1 = _xxh_round(v1, lbgw_le64(p))
+            v2 = _xxh_round(v2, lbgw_le64(p + 8))
+            v3 = _xxh_round(v3, lbgw_le64(p + 16))
+            v4 = _xxh_round(v4, lbgw_le64(p + 24))
+            p += 32
+        h = _rotl(v1, 1) + _rotl(v2, 7) + _rotl(v3, 12) + _rotl(v4, 18)
+        h = _xxh_merge(h, v1)
+        h = _xxh_merge(h, v2)
+        h = _xxh_merge(h, v3)
+        h = _xxh_merge(h, v4)
+    else:
+        h = seed + _XXH_P5
+    h += <uint64_t>n
+    while end - p >= 8:
+        h ^= _xxh_round(0, lbgw_le64(p))
+        h = _rotl(h, 27) * _XXH_P1 + _XXH_P4
+        p += 8
+    if end - p >= 4:
+        h ^= <uint64_t>lbgw_le32(p) * _XXH_P1
+        h = _rotl(h, 23) * _XXH_P2 + _XXH_P3
+        p += 4
+    while p < end:
+        h ^= <uint64_t>p[0] * _XXH_P5
+        h = _rotl(h, 11) * _XXH_P1
+        p += 1
+    h ^= h >> 33
+    h *= _XXH_P2
+    h ^= h >> 29
+    h *= _XXH_P3
+    return h ^ (h >> 32)
+
+
+def hash64(bytes data not None, seed=0):
+    """xxHash64 of ``data``, an unsigned 64-bit int; ``seed`` is taken modulo 2**64."""
+    cdef uint64_t s = operator.index(seed) & 0xFFFFFFFFFFFFFFFF
+    return xxh64(<const unsigned char *>data, len(data), s)
 
 
 cdef inline uint64_t _below(uint64_t *state, uint64_t bound) noexcept nogil:

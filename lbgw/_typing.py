@@ -2,7 +2,8 @@
 
 ``Kernel`` is what the balancer needs of a picking kernel; both the compiled
 kernels (``lbgw._fastpick``) and their pure-Python twins (``lbgw.picking``)
-provide it, and ``KernelModule`` is either module. mypy checks that both
+provide it, and ``KernelModule`` is either module. ``Hash64`` is the stable
+key hash both modules provide. mypy checks that both
 modules conform (``tests/unit/kernel_support.py``).
 """
 
@@ -10,6 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import ClassVar, Protocol
+
+
+class Hash64(Protocol):
+    """xxHash64 of some bytes: the same unsigned 64-bit value in every process."""
+
+    def __call__(self, data: bytes, /, seed: int = 0) -> int: ...
 
 
 class Kernel(Protocol):
@@ -64,6 +71,8 @@ class KernelModule(Protocol):
     def MAX_ACTIVE_REQUEST_BIAS(self) -> float: ...  # noqa: N802
     @property
     def EDF_THRESHOLD(self) -> int: ...  # noqa: N802
+    @property
+    def hash64(self) -> Hash64: ...
     @property
     def SmoothWeightedRoundRobin(self) -> Callable[..., SwrrKernel]: ...  # noqa: N802 - a class
     @property

@@ -15,6 +15,7 @@ from types import ModuleType
 from typing import Final
 
 from lbgw import picking
+from lbgw._typing import Hash64
 
 __all__ = [
     "EDF_THRESHOLD",
@@ -27,6 +28,7 @@ __all__ = [
     "Random",
     "RoundRobin",
     "SmoothWeightedRoundRobin",
+    "hash64",
 ]
 
 
@@ -54,6 +56,7 @@ MAX_WEIGHT: Final[int] = _impl.MAX_WEIGHT
 MAX_ACTIVE_REQUEST_BIAS: Final[float] = _impl.MAX_ACTIVE_REQUEST_BIAS
 MAX_BACKENDS: Final[int] = _impl.MAX_BACKENDS
 EDF_THRESHOLD: Final[int] = _impl.EDF_THRESHOLD
+hash64: Final[Hash64] = _impl.hash64
 
 SmoothWeightedRoundRobin: type[picking.SmoothWeightedRoundRobin] = _impl.SmoothWeightedRoundRobin
 RoundRobin: type[picking.RoundRobin] = _impl.RoundRobin

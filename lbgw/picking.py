@@ -21,6 +21,9 @@ Rules shared by every kernel:
 * Random draws come from splitmix64 (Steele, Lea & Flood, 2014), reduced to a
   range with Lemire's multiply-high, so a seed gives the same draws in C and
   Python.
+* Keys and endpoint names are hashed with ``hash64``, xxHash64: the same value
+  in every process and on every platform, where Python's ``hash()`` is salted
+  per process.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ __all__ = [
     "Random",
     "RoundRobin",
     "SmoothWeightedRoundRobin",
+    "hash64",
 ]
 
 #: Most backends a kernel takes: far beyond any cluster, and it keeps indices
@@ -92,6 +96,79 @@ def _check_index(i: int, n: int) -> int:
 
 def _random_seed() -> int:
     return int.from_bytes(os.urandom(8), "little")
+
+
+# --- xxHash64 ---------------------------------------------------------------
+
+_XXH_P1 = 0x9E3779B185EBCA87
+_XXH_P2 = 0xC2B2AE3D27D4EB4F
+_XXH_P3 = 0x165667B19E3779F9
+_XXH_P4 = 0x85EBCA77C2B2AE63
+_XXH_P5 = 0x27D4EB2F165667C5
+
+
+def _rotl(x: int, r: int) -> int:
+    return ((x << r) | (x >> (64 - r))) & _M64
+
+
+def _xxh_round(acc: int, lane: int) -> int:
+    return (_rotl((acc + lane * _XXH_P2) & _M64, 31) * _XXH_P1) & _M64
+
+
+def _xxh_merge(h: int, v: int) -> int:
+    return ((h ^ _xxh_round(0, v)) * _XXH_P1 + _XXH_P4) & _M64
+
+
+def hash64(data: bytes, seed: int = 0) -> int:
+    """xxHash64 of ``data`` (Yann Collet's reference algorithm), an unsigned 64-bit int.
+
+    Stable across processes, machines and versions, which is the point: the
+    hashing kernels place endpoints and keys with it, so a key maps to the
+    same endpoint in every worker. ``seed`` is taken modulo 2**64.
+    ``hash64(b"") == 0xEF46DB3751D8E999``.
+    """
+    if not isinstance(data, bytes):
+        raise TypeError(f"hash64() takes bytes, got {type(data).__name__}")
+    seed = operator.index(seed) & _M64
+    n = len(data)
+    p = 0
+    if n >= 32:
+        v1 = (seed + _XXH_P1 + _XXH_P2) & _M64
+        v2 = (seed + _XXH_P2) & _M64
+        v3 = seed
+        v4 = (seed - _XXH_P1) & _M64
+        while p + 32 <= n:
+            v1 = _xxh_round(v1, int.from_bytes(data[p : p + 8], "little"))
+            v2 = _xxh_round(v2, int.from_bytes(data[p + 8 : p + 16], "little"))
+            v3 = _xxh_round(v3, int.from_bytes(data[p + 16 : p + 24], "little"))
+            v4 = _xxh_round(v4, int.from_bytes(data[p + 24 : p + 32], "little"))
+            p += 32
+        h = (_rotl(v1, 1) + _rotl(v2, 7) + _rotl(v3, 12) + _rotl(v4, 18)) & _M64
+        for v in (v1, v2, v3, v4):
+            h = _xxh_merge(h, v)
+    else:
+        h = (seed + _XXH_P5) & _M64
+    h = (h + n) & _M64
+    while p + 8 <= n:
+        h ^= _xxh_round(0, int.from_bytes(data[p : p + 8], "little"))
+        h = (_rotl(h, 27) * _XXH_P1 + _XXH_P4) & _M64
+        p += 8
+    if p + 4 <= n:
+        h ^= (int.from_bytes(data[p : p + 4], "little") * _XXH_P1) & _M64
+        h = (_rotl(h, 23) * _XXH_P2 + _XXH_P3) & _M64
+        p += 4
+    while p < n:
+        h ^= (data[p] * _XXH_P5) & _M64
+        h = (_rotl(h, 11) * _XXH_P1) & _M64
+        p += 1
+    h ^= h >> 33
+    h = (h * _XXH_P2) & _M64
+    h ^= h >> 29
+    h = (h * _XXH_P3) & _M64
+    return h ^ (h >> 32)
+
+
+# --- Kernels ------------------------------------------------------------------
 
 
 class _Kernel:

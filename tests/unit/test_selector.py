@@ -53,6 +53,7 @@ def test_this_process_runs_the_selected_kernels() -> None:
     for cls in CLASS_NAMES:
         assert getattr(kernels, cls) is getattr(expected, cls)
         assert getattr(lbgw, cls) is getattr(expected, cls)
+    assert kernels.hash64 is lbgw.hash64 is expected.hash64
     assert (kernels.MAX_WEIGHT, kernels.EDF_THRESHOLD) == (
         expected.MAX_WEIGHT,
         expected.EDF_THRESHOLD,
