@@ -102,3 +102,34 @@ cdef class PeakEwma(_SeededKernel):
     cdef void _rescore(self, Py_ssize_t i) noexcept nogil
     cdef int _pick(self) noexcept nogil
     cdef int _pick_p2c(self) noexcept nogil
+
+
+ctypedef struct _Point:
+    # One point of RingHash's ring while it is built; sorted by (hash, rank, replica).
+    uint64_t hash
+    uint32_t rank               # the backend's place in name order
+    uint32_t replica            # r in hash64(name + b"_" + str(r))
+    int32_t i                   # backend index
+
+
+cdef class _HashKernel(_SeededKernel):
+    cdef tuple _names           # bytes, by index
+    cdef int32_t *_order        # backend indices in name order: the order builds walk
+    cdef uint32_t *_rank        # place in name order, by index
+    cdef int64_t *_count        # points or slots owned, by index
+    cdef Py_ssize_t _live       # eligible backends owning a point or slot
+
+    cdef Py_ssize_t _alloc_hash(self, Py_ssize_t count) except -1
+    cdef int _init_hash(self, list weights, tuple names, object seed) except -1
+    cdef int _refresh(self) except -1
+    cdef int _build(self) except -1
+    cdef int _lookup(self, uint64_t h, Py_ssize_t *pos) noexcept nogil
+    cdef int _pick(self) noexcept nogil
+
+
+cdef class RingHash(_HashKernel):
+    cdef uint64_t _min_ring
+    cdef uint64_t _max_ring
+    cdef Py_ssize_t _size       # points on the ring
+    cdef uint64_t *_hashes      # point hashes, ascending
+    cdef int32_t *_owners       # backend index, by point

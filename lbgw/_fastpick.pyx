@@ -20,7 +20,8 @@ cimport cython
 from cpython.object cimport PyObject
 from libc.math cimport exp, log, pow
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, free, qsort
+from libc.string cimport memcpy
 
 import operator
 import os
@@ -29,6 +30,7 @@ MAX_BACKENDS = 1 << 20
 MAX_WEIGHT = 1 << 24
 MAX_ACTIVE_REQUEST_BIAS = 10.0
 EDF_THRESHOLD = 64
+MAX_RING_SIZE = 8_388_608
 
 cdef enum:
     _LOGTAB_SIZE = 256
@@ -40,6 +42,11 @@ for _k in range(_LOGTAB_SIZE):
 
 cdef extern from "Python.h":
     Py_ssize_t PyNumber_AsSsize_t(object o, PyObject *exc) except? -1
+    # Borrowed references, for pick_key_many's loop over a list of keys.
+    PyObject *_list_item "PyList_GET_ITEM"(object lst, Py_ssize_t i)
+    bint _is_bytes "PyBytes_CheckExact"(PyObject *o)
+    char *_bytes_data "PyBytes_AS_STRING"(PyObject *o)
+    Py_ssize_t _bytes_size "PyBytes_GET_SIZE"(PyObject *o)
 
 
 cdef extern from *:
@@ -47,6 +54,10 @@ cdef extern from *:
     #include <string.h>
     static inline uint64_t lbgw_mulhi64(uint64_t a, uint64_t b) {
         return (uint64_t)(((unsigned __int128)a * b) >> 64);
+    }
+    /* ceil(a * b / c), exact; the caller knows the result fits in 64 bits. */
+    static inline uint64_t lbgw_ceil_muldiv(uint64_t a, uint64_t b, uint64_t c) {
+        return (uint64_t)(((unsigned __int128)a * b + (c - 1)) / c);
     }
     /* Little-endian loads at any alignment, as xxHash64 reads its input. */
     static inline uint64_t lbgw_le64(const unsigned char *p) {
@@ -73,6 +84,7 @@ cdef extern from *:
     #define LBGW_XXH_P5 0x27D4EB2F165667C5ULL
     """
     uint64_t lbgw_mulhi64(uint64_t a, uint64_t b) nogil
+    uint64_t lbgw_ceil_muldiv(uint64_t a, uint64_t b, uint64_t c) nogil
     uint64_t lbgw_le64(const unsigned char *p) nogil
     uint32_t lbgw_le32(const unsigned char *p) nogil
     uint64_t _XXH_P1 "LBGW_XXH_P1"
@@ -824,6 +836,300 @@ cdef class PeakEwma(_SeededKernel):
             for r in range(count):
                 total += self._pick_p2c()
         return total
+
+# --- Consistent hashing: the twins' _HashKernel and RingHash document them ---
+
+
+cdef tuple _check_names(object names, Py_ssize_t n):
+    out = tuple(names)
+    if len(out) != n:
+        raise ValueError(f"names and weights differ in length: {len(out)} names, {n} weights")
+    for name in out:
+        if type(name) is not bytes:
+            raise TypeError(f"names must be bytes, got {type(name).__name__}")
+        if not name:
+            raise ValueError("names must not be empty")
+    if len(set(out)) != n:
+        seen = set()
+        for name in out:
+            if name in seen:
+                raise ValueError(f"duplicate name {name!r}")
+            seen.add(name)
+    return out
+
+
+cdef inline uint64_t _as_hash(object h) except? 0:
+    """An unsigned 64-bit hash: an integer (not a float, as C's conversion would take) or
+    OverflowError, as the twin's ``_check_hash``."""
+    if type(h) is not int:
+        h = operator.index(h)
+    return h
+
+
+cdef int _cmp_points(const void *a, const void *b) noexcept nogil:
+    cdef const _Point *p = <const _Point *>a
+    cdef const _Point *q = <const _Point *>b
+    if p.hash != q.hash:
+        return -1 if p.hash < q.hash else 1
+    if p.rank != q.rank:
+        return -1 if p.rank < q.rank else 1
+    if p.replica != q.replica:
+        return -1 if p.replica < q.replica else 1
+    return 0
+
+
+cdef size_t _decimal(uint64_t k, unsigned char *out) noexcept nogil:
+    """Write k in decimal at out, as str(k) does; return the digit count."""
+    cdef unsigned char digits[20]
+    cdef size_t n = 0, j
+    while True:
+        digits[n] = <unsigned char>(48 + k % 10)
+        n += 1
+        k //= 10
+        if k == 0:
+            break
+    for j in range(n):
+        out[j] = digits[n - 1 - j]
+    return n
+
+
+cdef class _HashKernel(_SeededKernel):
+    """Names, name order and owned points or slots; O(1) eligibility; lookups by hash."""
+
+    def __dealloc__(self):
+        free(self._order)
+        free(self._rank)
+        free(self._count)
+
+    cdef Py_ssize_t _alloc_hash(self, Py_ssize_t count) except -1:
+        cdef Py_ssize_t size = self._alloc(count)
+        self._order = <int32_t *>_calloc(size, sizeof(int32_t))
+        self._rank = <uint32_t *>_calloc(size, sizeof(uint32_t))
+        self._count = <int64_t *>_calloc(size, sizeof(int64_t))
+        return size
+
+    cdef int _init_hash(self, list weights, tuple names, object seed) except -1:
+        cdef Py_ssize_t i, r
+        for i in range(self._n):
+            self._w[i] = weights[i]
+        self._names = names
+        for r, i in enumerate(sorted(range(self._n), key=names.__getitem__)):
+            self._order[r] = <int32_t>i
+            self._rank[i] = <uint32_t>r
+        self._rng = _seed_value(seed)
+        return 0
+
+    cdef int _build(self) except -1:
+        return 0
+
+    cdef int _refresh(self) except -1:
+        """Rebuild the structure, then the counts of backends in rotation and live."""
+        self._build()
+        _Kernel._rebuild(self)
+        cdef Py_ssize_t i, live = 0
+        for i in range(self._n):
+            if self._elig[i] and self._count[i] > 0:
+                live += 1
+        self._live = live
+        return 0
+
+    def set_eligible(self, index, bint eligible):
+        # O(1): the structure stays; lookups walk past ineligible backends.
+        # (_dense is left stale: no hash kernel reads it.)
+        cdef Py_ssize_t i = self._index(index)
+        cdef Py_ssize_t step
+        if self._elig[i] != eligible:
+            self._elig[i] = eligible
+            step = 1 if eligible else -1
+            if self._w[i] > 0:
+                self._m += step
+            if self._count[i] > 0:
+                self._live += step
+
+    def set_weight(self, index, weight):
+        cdef Py_ssize_t i = self._index(index)
+        cdef int64_t w = _check_weight(weight)
+        cdef int64_t old = self._w[i]
+        if old != w:
+            self._w[i] = w
+            try:
+                self._refresh()
+            except BaseException:
+                # _build allocates before it frees: the old structure is intact.
+                self._w[i] = old
+                raise
+
+    cdef int _lookup(self, uint64_t h, Py_ssize_t *pos) noexcept nogil:
+        pos[0] = -1
+        return -1
+
+    cdef int _pick(self) noexcept nogil:
+        cdef Py_ssize_t pos
+        return self._lookup(_next(&self._rng), &pos)
+
+    def pick_hash(self, h):
+        cdef Py_ssize_t pos
+        return self._lookup(_as_hash(h), &pos)
+
+    def pick_key(self, bytes key not None):
+        cdef Py_ssize_t pos
+        return self._lookup(xxh64(<const unsigned char *>key, len(key), 0), &pos)
+
+    def pick_key_many(self, keys):
+        cdef list ks = keys if type(keys) is list else list(keys)
+        cdef int64_t total = 0
+        cdef Py_ssize_t r, pos
+        cdef PyObject *key
+        for r in range(len(ks)):
+            key = _list_item(ks, r)
+            if not _is_bytes(key):
+                raise TypeError(f"keys must be bytes, got {type(<object>key).__name__}")
+            total += self._lookup(
+                xxh64(<const unsigned char *>_bytes_data(key), <size_t>_bytes_size(key), 0), &pos
+            )
+        return total
+
+    def position(self, h):
+        cdef Py_ssize_t pos
+        self._lookup(_as_hash(h), &pos)
+        return pos
+
+    def pick(self):
+        return self._pick()
+
+    def pick_many(self, Py_ssize_t count):
+        cdef int64_t total = 0
+        cdef Py_ssize_t r
+        with nogil:
+            for r in range(count):
+                total += self._pick()
+        return total
+
+
+@cython.final
+cdef class RingHash(_HashKernel):
+    """Ketama consistent hashing, as Envoy's ``ring_hash``: binary search, then a walk."""
+
+    name = "ring_hash"
+
+    def __dealloc__(self):
+        free(self._hashes)
+        free(self._owners)
+
+    def __init__(
+        self, weights, names, *, min_ring_size=1024, max_ring_size=MAX_RING_SIZE, seed=None
+    ):
+        lo = operator.index(min_ring_size)
+        hi = operator.index(max_ring_size)
+        if not 1 <= lo <= hi <= MAX_RING_SIZE:
+            raise ValueError(
+                "ring sizes must satisfy 1 <= min_ring_size <= max_ring_size <= "
+                f"{MAX_RING_SIZE}, got {lo} and {hi}"
+            )
+        ws = [_check_weight(w) for w in weights]
+        cdef tuple ns = _check_names(names, len(ws))
+        cdef Py_ssize_t size = self._alloc_hash(len(ws))
+        self._n = size
+        self._min_ring = lo
+        self._max_ring = hi
+        self._init_hash(ws, ns, seed)
+        self._refresh()
+
+    @property
+    def ring_size(self):
+        return self._size
+
+    cdef int _build(self) except -1:
+        """Envoy's point counts (the twin's ``_ring_counts``, exact), then the sorted ring."""
+        cdef Py_ssize_t n = self._n, k, j, r
+        cdef int32_t i
+        cdef uint64_t total = 0, least = 0, w, per_least, num, den, so_far = 0, done = 0, target
+        for k in range(n):
+            w = <uint64_t>self._w[k]
+            if w > 0:
+                total += w
+                if least == 0 or w < least:
+                    least = w
+        for k in range(n):
+            self._count[k] = 0
+        if total > 0:
+            # Below 2**48: least * min_ring <= 2**24 * 2**23, and the ceiling adds < total.
+            per_least = (self._min_ring * least + total - 1) // total
+            if per_least * total <= self._max_ring * least:
+                num, den = per_least, least
+            else:
+                num, den = self._max_ring, total
+            for k in range(n):
+                i = self._order[k]
+                so_far += <uint64_t>self._w[i]
+                target = lbgw_ceil_muldiv(num, so_far, den)
+                self._count[i] = <int64_t>(target - done)
+                done = target
+        cdef Py_ssize_t size = <Py_ssize_t>done
+        cdef _Point *points = <_Point *>_calloc(size, sizeof(_Point))
+        cdef uint64_t *hashes = NULL
+        cdef int32_t *owners = NULL
+        cdef unsigned char *key = NULL
+        cdef Py_ssize_t longest = 0, length
+        cdef const unsigned char *name
+        try:
+            hashes = <uint64_t *>_calloc(size, sizeof(uint64_t))
+            owners = <int32_t *>_calloc(size, sizeof(int32_t))
+            for k in range(n):
+                longest = max(longest, len(self._names[k]))
+            key = <unsigned char *>_calloc(longest + 22, 1)  # name, "_", 20 digits, spare
+            j = 0
+            for k in range(n):
+                i = self._order[k]
+                name = <const unsigned char *>(<bytes>self._names[i])
+                length = len(self._names[i])
+                memcpy(key, name, length)
+                key[length] = 95  # "_"
+                for r in range(self._count[i]):
+                    points[j].hash = xxh64(key, length + 1 + _decimal(r, key + length + 1), 0)
+                    points[j].rank = <uint32_t>k
+                    points[j].replica = <uint32_t>r
+                    points[j].i = i
+                    j += 1
+            qsort(points, size, sizeof(_Point), _cmp_points)
+            for j in range(size):
+                hashes[j] = points[j].hash
+                owners[j] = points[j].i
+        except BaseException:
+            free(hashes)
+            free(owners)
+            raise
+        finally:
+            free(points)
+            free(key)
+        free(self._hashes)
+        free(self._owners)
+        self._hashes = hashes
+        self._owners = owners
+        self._size = size
+        return 0
+
+    cdef int _lookup(self, uint64_t h, Py_ssize_t *pos) noexcept nogil:
+        cdef Py_ssize_t lo = 0, hi = self._size, mid
+        if self._live == 0:
+            pos[0] = -1
+            return -1
+        # The first point at or after h, wrapping past the top.
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if self._hashes[mid] < h:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo == self._size:
+            lo = 0
+        while not self._elig[self._owners[lo]]:
+            lo += 1
+            if lo == self._size:
+                lo = 0
+        pos[0] = lo
+        return self._owners[lo]
+
 
 
 ctypedef fused _AnyKernel:

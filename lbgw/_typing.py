@@ -9,7 +9,7 @@ modules conform (``tests/unit/kernel_support.py``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import ClassVar, Protocol
 
 
@@ -53,6 +53,22 @@ class EwmaKernel(SeededKernel, Protocol):
     def cost(self, i: int, /, now_ns: int) -> float: ...
 
 
+class HashKernel(SeededKernel, Protocol):
+    """Consistent hashing: picks by a key's hash, the same backend for the same key."""
+
+    def pick_hash(self, h: int, /) -> int: ...
+    def pick_key(self, key: bytes, /) -> int: ...
+    def pick_key_many(self, keys: Sequence[bytes], /) -> int: ...
+    def position(self, h: int, /) -> int: ...
+
+
+class RingHashKernel(HashKernel, Protocol):
+    """Ketama ring hash, which says how many points its ring has."""
+
+    @property
+    def ring_size(self) -> int: ...
+
+
 class SwrrKernel(Kernel, Protocol):
     """Smooth weighted round-robin, which says which scheduler it runs."""
 
@@ -72,6 +88,8 @@ class KernelModule(Protocol):
     @property
     def EDF_THRESHOLD(self) -> int: ...  # noqa: N802
     @property
+    def MAX_RING_SIZE(self) -> int: ...  # noqa: N802
+    @property
     def hash64(self) -> Hash64: ...
     @property
     def SmoothWeightedRoundRobin(self) -> Callable[..., SwrrKernel]: ...  # noqa: N802 - a class
@@ -83,3 +101,5 @@ class KernelModule(Protocol):
     def LeastRequest(self) -> Callable[..., SeededKernel]: ...  # noqa: N802
     @property
     def PeakEwma(self) -> Callable[..., EwmaKernel]: ...  # noqa: N802
+    @property
+    def RingHash(self) -> Callable[..., RingHashKernel]: ...  # noqa: N802

@@ -22,10 +22,12 @@ __all__ = [
     "IMPLEMENTATION",
     "MAX_ACTIVE_REQUEST_BIAS",
     "MAX_BACKENDS",
+    "MAX_RING_SIZE",
     "MAX_WEIGHT",
     "LeastRequest",
     "PeakEwma",
     "Random",
+    "RingHash",
     "RoundRobin",
     "SmoothWeightedRoundRobin",
     "hash64",
@@ -56,6 +58,7 @@ MAX_WEIGHT: Final[int] = _impl.MAX_WEIGHT
 MAX_ACTIVE_REQUEST_BIAS: Final[float] = _impl.MAX_ACTIVE_REQUEST_BIAS
 MAX_BACKENDS: Final[int] = _impl.MAX_BACKENDS
 EDF_THRESHOLD: Final[int] = _impl.EDF_THRESHOLD
+MAX_RING_SIZE: Final[int] = _impl.MAX_RING_SIZE
 hash64: Final[Hash64] = _impl.hash64
 
 SmoothWeightedRoundRobin: type[picking.SmoothWeightedRoundRobin] = _impl.SmoothWeightedRoundRobin
@@ -63,3 +66,4 @@ RoundRobin: type[picking.RoundRobin] = _impl.RoundRobin
 Random: type[picking.Random] = _impl.Random
 LeastRequest: type[picking.LeastRequest] = _impl.LeastRequest
 PeakEwma: type[picking.PeakEwma] = _impl.PeakEwma
+RingHash: type[picking.RingHash] = _impl.RingHash

@@ -24,10 +24,14 @@ Rules shared by every kernel:
 * Keys and endpoint names are hashed with ``hash64``, xxHash64: the same value
   in every process and on every platform, where Python's ``hash()`` is salted
   per process.
+
+The consistent-hashing kernels (RingHash) also take each backend's name, and
+pick by a key's hash: ``pick_key(key)``, ``pick_hash(h)``; see ``_HashKernel``.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import operator
@@ -39,10 +43,12 @@ __all__ = [
     "EDF_THRESHOLD",
     "MAX_ACTIVE_REQUEST_BIAS",
     "MAX_BACKENDS",
+    "MAX_RING_SIZE",
     "MAX_WEIGHT",
     "LeastRequest",
     "PeakEwma",
     "Random",
+    "RingHash",
     "RoundRobin",
     "SmoothWeightedRoundRobin",
     "hash64",
@@ -63,6 +69,10 @@ MAX_ACTIVE_REQUEST_BIAS = 10.0
 #: Number of backends at and above which SmoothWeightedRoundRobin switches
 #: from nginx's O(n) scan to an O(log n) earliest-deadline-first heap.
 EDF_THRESHOLD = 64
+
+#: Largest ring RingHash builds, and its default ``max_ring_size``: Envoy's
+#: limit (8M points, 96 MiB of C arrays here).
+MAX_RING_SIZE = 8_388_608
 
 _M64 = (1 << 64) - 1
 _LOGTAB_SIZE = 256
@@ -722,3 +732,232 @@ class PeakEwma(_SeededKernel):
         for _ in range(count):
             total += self.pick_p2c()
         return total
+
+
+# --- Consistent hashing -------------------------------------------------------
+
+
+def _check_names(names: Sequence[bytes], n: int) -> tuple[bytes, ...]:
+    out = tuple(names)
+    if len(out) != n:
+        raise ValueError(f"names and weights differ in length: {len(out)} names, {n} weights")
+    for name in out:
+        if not isinstance(name, bytes):
+            raise TypeError(f"names must be bytes, got {type(name).__name__}")
+        if not name:
+            raise ValueError("names must not be empty")
+    if len(set(out)) != n:
+        seen: set[bytes] = set()
+        for name in out:
+            if name in seen:
+                raise ValueError(f"duplicate name {name!r}")
+            seen.add(name)
+    return out
+
+
+def _check_hash(h: int) -> int:
+    h = operator.index(h)
+    if not 0 <= h <= _M64:
+        raise OverflowError(f"a hash is an unsigned 64-bit integer, got {h}")
+    return h
+
+
+class _HashKernel(_SeededKernel):
+    """Consistent hashing for session affinity: a key's hash picks its backend.
+
+    Each backend has a name (its address, as bytes: ``b"10.0.0.7:50051"``),
+    and the structure that maps hashes to backends (a ring, a table) is built
+    from the names and weights alone, walking the backends in name order, so
+    it is the same whatever order they are given in and in every process.
+    Weights change it (``set_weight`` rebuilds it; weight 0 takes a backend
+    out of it). Eligibility does not: ``set_eligible`` is O(1), and a lookup
+    that lands on an ineligible backend walks on to the next eligible one, so
+    while a backend is out only its own keys move, and they come back to it
+    when it returns.
+
+    ``pick_key(key)`` is ``pick_hash(hash64(key))``; ``pick_hash(h)`` returns
+    the backend for an unsigned 64-bit hash, or -1 when no backend in the
+    structure is eligible; ``position(h)`` says where in the structure ``h``
+    was served, for traces. ``pick()`` hashes a splitmix64 draw, so a seeded
+    kernel spreads keyless calls reproducibly. ``pick_key_many(keys)`` sums
+    the picks of a list of keys, in a C loop in the compiled kernel.
+    """
+
+    def __init__(self, weights: Sequence[int], names: Sequence[bytes], seed: int | None) -> None:
+        super().__init__(weights, seed)
+        self._names = _check_names(names, self._n)
+        # The canonical order every build walks: backend indices by name.
+        self._order = sorted(range(self._n), key=self._names.__getitem__)
+        self._rank = [0] * self._n
+        for r, i in enumerate(self._order):
+            self._rank[i] = r
+        self._count = [0] * self._n  # points or slots each backend owns
+        self._m = 0  # in rotation: eligible and weight > 0
+        self._live = 0  # eligible and owning a point or slot: lookups find one
+
+    def _build(self) -> None:
+        raise NotImplementedError
+
+    def _rebuild(self) -> None:
+        super()._rebuild()
+        self._build()
+        self._m = len(self._dense)
+        self._live = sum(1 for i in range(self._n) if self._elig[i] and self._count[i])
+
+    def set_eligible(self, i: int, /, eligible: bool) -> None:
+        # O(1): the structure stays; lookups walk past ineligible backends.
+        i = _check_index(i, self._n)
+        e = bool(eligible)
+        if self._elig[i] != e:
+            self._elig[i] = e
+            step = 1 if e else -1
+            if self._w[i] > 0:
+                self._m += step
+            if self._count[i] > 0:
+                self._live += step
+
+    def _locate(self, h: int) -> int:
+        raise NotImplementedError
+
+    def _owner(self, pos: int) -> int:
+        raise NotImplementedError
+
+    def pick_hash(self, h: int, /) -> int:
+        pos = self._locate(_check_hash(h))
+        return -1 if pos < 0 else self._owner(pos)
+
+    def pick_key(self, key: bytes, /) -> int:
+        return self.pick_hash(hash64(key))
+
+    def pick_key_many(self, keys: Sequence[bytes], /) -> int:
+        """Pick for every key in ``keys``; return the sum of the picked indices."""
+        total = 0
+        for key in keys:
+            total += self.pick_key(key)
+        return total
+
+    def position(self, h: int, /) -> int:
+        return self._locate(_check_hash(h))
+
+    def pick(self) -> int:
+        pos = self._locate(self._rng.next())
+        return -1 if pos < 0 else self._owner(pos)
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} {self.name} n={self._n} in-rotation={self._m} "
+            f"in-flight={sum(self._inflight)}>"
+        )
+
+
+def _ring_counts(weights: Sequence[int], min_ring_size: int, max_ring_size: int) -> list[int]:
+    """Points on the ring for each weight, as Envoy's ``RingHashLoadBalancer::Ring``.
+
+    Envoy scales the ring so the least-weighted backend gets a whole number
+    of points, ``ceil(min_ring_size * least / total)``, and every other one
+    proportionally more, unless that exceeds ``max_ring_size``, in which case
+    the ring is ``max_ring_size`` points shared by weight. Backends get points
+    by running sums (``current_hashes < target_hashes``), so fractions carry
+    over to the next backend. Envoy does this in doubles; here it is exact,
+    in integers, so both twins and every platform agree: the target after
+    backend k is ``scale * weight_so_far / total``, and backend k gets the
+    points up to its ceiling.
+    """
+    positive = [w for w in weights if w > 0]
+    if not positive:
+        return [0] * len(weights)
+    total = sum(positive)
+    least = min(positive)
+    per_least = -(-min_ring_size * least // total)  # points of the least-weighted backend
+    if per_least * total <= max_ring_size * least:  # scale = per_least * total / least
+        num, den = per_least, least
+    else:  # scale = max_ring_size
+        num, den = max_ring_size, total
+    counts = []
+    so_far = done = 0
+    for w in weights:
+        so_far += w
+        target = -(-num * so_far // den)
+        counts.append(target - done)
+        done = target
+    return counts
+
+
+class RingHash(_HashKernel):
+    """Ketama consistent hashing, as Envoy's ``ring_hash`` load balancer.
+
+    Karger et al.'s consistent hashing (STOC'97) in the form of libketama and
+    Envoy's ``ring_hash_lb.cc``: every backend puts points on a ring of 64-bit
+    hashes, the point of replica ``r`` at ``hash64(name + b"_" + str(r))``,
+    and a key is served by the first point at or after its hash, clockwise,
+    wrapping past the top. Points per backend follow weight, with Envoy's
+    scaling (``_ring_counts``): between ``min_ring_size`` and ``max_ring_size``
+    points in all, default 1,024 and 8M as Envoy. Points sort by (hash, name),
+    so equal hashes are ordered by name, not by input order. A lookup is a
+    binary search, then a walk past the points of ineligible backends.
+
+    Adding or removing a backend moves only its own keys as long as the others
+    keep their points. Envoy's scaling gives them more points when the ring
+    would fall below ``min_ring_size`` (fewer backends, or a larger least
+    weight), and the keys those new points take move too: with 10 equal
+    backends at the defaults, dropping one moves about 10% of the others'
+    keys as well. Taking a backend out with ``set_eligible`` never does.
+    """
+
+    name: ClassVar[str] = "ring_hash"
+
+    def __init__(
+        self,
+        weights: Sequence[int],
+        names: Sequence[bytes],
+        *,
+        min_ring_size: int = 1024,
+        max_ring_size: int = MAX_RING_SIZE,
+        seed: int | None = None,
+    ) -> None:
+        lo = operator.index(min_ring_size)
+        hi = operator.index(max_ring_size)
+        if not 1 <= lo <= hi <= MAX_RING_SIZE:
+            raise ValueError(
+                "ring sizes must satisfy 1 <= min_ring_size <= max_ring_size <= "
+                f"{MAX_RING_SIZE}, got {lo} and {hi}"
+            )
+        super().__init__(weights, names, seed)
+        self._min_ring = lo
+        self._max_ring = hi
+        self._hashes: list[int] = []  # point hashes, ascending
+        self._owners: list[int] = []  # backend index, by point
+        self._rebuild()
+
+    @property
+    def ring_size(self) -> int:
+        return len(self._hashes)
+
+    def _build(self) -> None:
+        weights = [self._w[i] for i in self._order]
+        counts = _ring_counts(weights, self._min_ring, self._max_ring)
+        points: list[tuple[int, int, int, int]] = []
+        for rank, i in enumerate(self._order):
+            name = self._names[i]
+            self._count[i] = counts[rank]
+            for r in range(counts[rank]):
+                points.append((hash64(b"%s_%d" % (name, r)), rank, r, i))
+        points.sort()
+        self._hashes = [p[0] for p in points]
+        self._owners = [p[3] for p in points]
+
+    def _locate(self, h: int) -> int:
+        if self._live == 0:
+            return -1
+        size = len(self._hashes)
+        pos = bisect.bisect_left(self._hashes, h)
+        if pos == size:
+            pos = 0
+        while not self._elig[self._owners[pos]]:
+            pos += 1
+            if pos == size:
+                pos = 0
+        return pos
+
+    def _owner(self, pos: int) -> int:
+        return self._owners[pos]

@@ -7,7 +7,9 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from lbgw import _fastpick, picking
-from lbgw._typing import EwmaKernel, Kernel, KernelModule
+from lbgw._typing import EwmaKernel, HashKernel, Kernel, KernelModule
+
+__all__ = ["HashKernel"]  # re-exported for the hashing tests
 
 MS = 1_000_000  # nanoseconds
 SECOND = 1_000 * MS
@@ -20,14 +22,24 @@ Impl = KernelModule
 # Also checks, statically, that both modules provide the API above.
 PYTHON: Impl = picking
 CYTHON: Impl = _fastpick
-CLASS_NAMES = ["SmoothWeightedRoundRobin", "RoundRobin", "Random", "LeastRequest", "PeakEwma"]
+CLASS_NAMES = [
+    "SmoothWeightedRoundRobin",
+    "RoundRobin",
+    "Random",
+    "LeastRequest",
+    "PeakEwma",
+    "RingHash",
+]
 EWMA_CLASSES = (picking.PeakEwma, _fastpick.PeakEwma)
+RING_CLASSES = (picking.RingHash, _fastpick.RingHash)
+HASH_CLASSES = RING_CLASSES
 SEEDED_CLASSES = (
     picking.Random,
     _fastpick.Random,
     picking.LeastRequest,
     _fastpick.LeastRequest,
     *EWMA_CLASSES,
+    *HASH_CLASSES,
 )
 
 K = TypeVar("K", bound=Kernel)
@@ -37,6 +49,15 @@ def with_weights(k: K, weights: Sequence[int]) -> K:
     for i, w in enumerate(weights):
         k.set_weight(i, w)
     return k
+
+
+def names(n: int) -> list[bytes]:
+    """Backend addresses for the hashing kernels, as lbgw names endpoints."""
+    return [b"10.0.%d.%d:50051" % (i // 256, i % 256) for i in range(n)]
+
+
+def key_picks(k: HashKernel, keys: Sequence[bytes]) -> list[int]:
+    return [k.pick_key(key) for key in keys]
 
 
 def picks(k: Kernel, count: int) -> list[int]:
@@ -65,7 +86,10 @@ FACTORIES: dict[str, Factory] = {
     "least_request": lambda m, ws: m.LeastRequest(ws, seed=7),
     "least_request-bias": lambda m, ws: m.LeastRequest(ws, active_request_bias=0.5, seed=7),
     "ewma": lambda m, ws: with_weights(m.PeakEwma(len(ws), seed=7), ws),
+    "ring_hash": lambda m, ws: m.RingHash(ws, names(len(ws)), seed=7),
 }
+#: The kernels that pick by a key's hash.
+HASH_KERNELS = ("ring_hash",)
 
 
 def all_picks(k: Kernel, count: int) -> list[int]:

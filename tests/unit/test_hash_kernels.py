@@ -9,10 +9,31 @@ that leaves move.
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Sequence
+
 import pytest
 
 from lbgw import _fastpick, picking
-from tests.unit.kernel_support import Impl
+from lbgw._typing import RingHashKernel
+from tests.unit.kernel_support import (
+    HASH_KERNELS,
+    MAX_WEIGHT,
+    HashKernel,
+    Impl,
+    key_picks,
+    names,
+    picks,
+)
+
+MAX_RING_SIZE = picking.MAX_RING_SIZE
+Hashing = RingHashKernel
 
 # --- xxHash64 ------------------------------------------------------------------
 
@@ -65,3 +86,361 @@ def test_hash64_takes_only_bytes(impl: Impl, bad: object) -> None:
 def test_hash64_seed_must_be_an_integer(impl: Impl) -> None:
     with pytest.raises(TypeError):
         impl.hash64(b"abc", 1.0)  # type: ignore[arg-type]
+
+
+# --- Consistent hashing: RingHash ---------------------------------------------
+
+EQUAL = [[1] * n for n in range(5, 11)]
+WEIGHTS = [[1, 2, 3, 4], *EQUAL]
+# How far an endpoint's share of keys may stray from its weight's share.
+TOLERANCE = {"ring_hash": 0.25}
+
+
+def build(impl: Impl, kind: str, weights: Sequence[int], ns: Sequence[bytes], **kw: int) -> Hashing:
+    assert kind == "ring_hash"
+    return impl.RingHash(weights, ns, **kw)
+
+
+def structure_size(k: Hashing) -> int:
+    return k.ring_size
+
+
+def session_keys(count: int, seed: str = "sessions") -> list[bytes]:
+    """Random 16-byte keys, like session ids; the same ones on every run."""
+    rng = random.Random(seed)
+    return [rng.randbytes(16) for _ in range(count)]
+
+
+def key_names(k: HashKernel, ns: Sequence[bytes], keys: Sequence[bytes]) -> list[bytes | None]:
+    return [None if i < 0 else ns[i] for i in key_picks(k, keys)]
+
+
+KEYS = session_keys(20_000)
+
+
+@pytest.mark.parametrize("kind", HASH_KERNELS)
+@pytest.mark.parametrize("weights", WEIGHTS, ids=lambda ws: "-".join(map(str, ws)))
+def test_key_shares_follow_weights(impl: Impl, kind: str, weights: list[int]) -> None:
+    """Each endpoint gets its weight's share of keys: within ±25% with the ring at
+    Envoy's default 1,024 points (about 100 points an endpoint at n = 10).
+
+    20,000 keys, not fewer: with 1,000, the sampling noise alone is ±9.5% (one σ) of a
+    1/10 share, and the worst of ten endpoints strays about twice that.
+    """
+    ns = names(len(weights))
+    k = build(impl, kind, weights, ns)
+    counts = Counter(key_picks(k, KEYS))
+    total = sum(weights)
+    for i, w in enumerate(weights):
+        share = counts[i] / len(KEYS)
+        assert abs(share / (w / total) - 1) <= TOLERANCE[kind], (i, share, w / total)
+
+
+@pytest.mark.parametrize("kind", HASH_KERNELS)
+@pytest.mark.parametrize("weights", [[1, 2, 3, 4, 2, 1, 3], [1] * 8])
+def test_an_ineligible_endpoint_moves_only_its_own_keys(
+    impl: Impl, kind: str, weights: list[int]
+) -> None:
+    ns = names(len(weights))
+    k = build(impl, kind, weights, ns)
+    keys = KEYS[:5000]
+    before = key_picks(k, keys)
+    for gone in ([2], [2, 5], [0, 1, 3]):
+        for i in gone:
+            k.set_eligible(i, False)
+        during = key_picks(k, keys)
+        for b, d in zip(before, during, strict=True):
+            assert d not in gone
+            assert d == b or b in gone
+        # Every key of a missing endpoint moved, so the others' keys all stayed.
+        assert sum(b in gone for b in before) > 0
+        for i in gone:
+            k.set_eligible(i, True)
+        assert key_picks(k, keys) == before  # and they come back
+
+
+def test_ring_without_an_endpoint_moves_only_its_keys_while_point_counts_hold(
+    impl: Impl,
+) -> None:
+    """With the ring above min_ring_size the others keep their points (Envoy's scale is
+    one point per unit of the least weight here) and only the missing endpoint's keys
+    move, as in Karger's consistent hashing."""
+    weights = [1, 300, 400, 500, 600, 700]
+    ns = names(len(weights))
+    keys = KEYS[:5000]
+    full = impl.RingHash(weights, ns)
+    assert full.ring_size == sum(weights)
+    before = key_names(full, ns, keys)
+    for r in range(1, len(weights)):
+        rest_w, rest_n = weights[:r] + weights[r + 1 :], ns[:r] + ns[r + 1 :]
+        ring = impl.RingHash(rest_w, rest_n)
+        assert ring.ring_size == sum(rest_w)
+        after = key_names(ring, rest_n, keys)
+        assert [a for b, a in zip(before, after, strict=True) if b != ns[r]] == [
+            b for b in before if b != ns[r]
+        ]
+        assert ns[r] not in after
+
+
+@pytest.mark.parametrize("n", [5, 10])
+def test_ring_without_an_endpoint_rescales_as_envoy(impl: Impl, n: int) -> None:
+    """At min_ring_size, Envoy's scaling gives the endpoints that stay more points when
+    one leaves (ceil(1024 / (n - 1)) each instead of ceil(1024 / n)), and the keys the
+    new points take move between them too: about a tenth of all keys. Documented in
+    RingHash; set_eligible moves none of them."""
+    ns = names(n)
+    keys = KEYS[:5000]
+    full = impl.RingHash([1] * n, ns)
+    assert full.ring_size == n * math.ceil(1024 / n)
+    before = key_names(full, ns, keys)
+    ring = impl.RingHash([1] * (n - 1), ns[1:])
+    assert ring.ring_size == (n - 1) * math.ceil(1024 / (n - 1))
+    after = key_names(ring, ns[1:], keys)
+    extra = sum(b != a and b != ns[0] for b, a in zip(before, after, strict=True))
+    assert 0.04 * len(keys) < extra < 0.15 * len(keys)
+
+
+@pytest.mark.parametrize("kind", HASH_KERNELS)
+def test_set_weight_zero_and_back_restores_the_mapping(impl: Impl, kind: str) -> None:
+    weights = [3, 1, 4, 1, 5, 9, 2, 6]
+    ns = names(len(weights))
+    k = build(impl, kind, weights, ns)
+    keys = KEYS[:3000]
+    before = key_picks(k, keys)
+    k.set_weight(5, 0)
+    assert 5 not in key_picks(k, keys)
+    k.set_weight(5, 9)
+    assert key_picks(k, keys) == before
+
+
+@pytest.mark.parametrize("kind", HASH_KERNELS)
+@pytest.mark.parametrize("weights", [[1, 2, 3, 4, 5, 6, 7], [2] * 9])
+def test_input_order_does_not_change_the_mapping(impl: Impl, kind: str, weights: list[int]) -> None:
+    ns = names(len(weights))
+    keys = KEYS[:3000]
+    reference = build(impl, kind, weights, ns)
+    expected = key_names(reference, ns, keys)
+    rng = random.Random(f"order-{kind}")
+    for _ in range(3):
+        perm = list(range(len(ns)))
+        rng.shuffle(perm)
+        pw, pn = [weights[i] for i in perm], [ns[i] for i in perm]
+        k = build(impl, kind, pw, pn)
+        assert key_names(k, pn, keys) == expected
+        # The same ring or table, position for position.
+        hs = [rng.getrandbits(64) for _ in range(200)]
+        assert [k.position(h) for h in hs] == [reference.position(h) for h in hs]
+
+
+PROBE = """
+import json, sys
+from lbgw import _fastpick, picking
+names = [b"10.0.0.%d:50051" % i for i in range(7)]
+weights = [1, 2, 3, 4, 3, 2, 1]
+keys = [b"session-%d" % i for i in range(200)]
+out = {}
+for mod in (picking, _fastpick):
+    ring = mod.RingHash(weights, names)
+    out[mod.__name__] = [
+        [mod.hash64(k) for k in keys],
+        [names[ring.pick_key(k)].decode() for k in keys],
+    ]
+json.dump(out, sys.stdout)
+"""
+
+
+def test_the_mapping_is_the_same_in_another_process() -> None:
+    """No per-process salt: other processes, with other hash seeds, map keys alike."""
+    here: dict[str, object] = {}
+    exec(PROBE.replace("json.dump(out, sys.stdout)", ""), here)
+    expected = json.loads(json.dumps(here["out"]))
+    assert expected["lbgw.picking"] == expected["lbgw._fastpick"]
+    for hashseed in ("0", "12345"):
+        env = {**os.environ, "PYTHONHASHSEED": hashseed}
+        done = subprocess.run(
+            [sys.executable, "-c", PROBE],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert json.loads(done.stdout) == expected
+
+
+def test_ring_lookup_is_first_point_at_or_after_the_hash(impl: Impl) -> None:
+    """Three endpoints with one point each (min_ring_size 3): read the ring by hand."""
+    ns = [b"a", b"b", b"c"]
+    k = impl.RingHash([1, 1, 1], ns, min_ring_size=3)
+    assert k.ring_size == 3
+    ring = sorted((impl.hash64(name + b"_0"), i) for i, name in enumerate(ns))
+    (h0, i0), (h1, i1), (h2, i2) = ring
+    assert [k.pick_hash(h) for h in (0, h0, h0 + 1, h1, h1 + 1, h2)] == [i0, i0, i1, i1, i2, i2]
+    assert [k.position(h) for h in (0, h0, h0 + 1, h1, h1 + 1, h2)] == [0, 0, 1, 1, 2, 2]
+    assert k.pick_hash(h2 + 1) == k.pick_hash(2**64 - 1) == i0  # wraps past the top
+    assert k.position(2**64 - 1) == 0
+    k.set_eligible(i1, False)  # its arc goes to the next point clockwise
+    assert k.pick_hash(h0 + 1) == i2
+    assert k.position(h0 + 1) == 2
+    k.set_eligible(i2, False)
+    assert k.pick_hash(h0 + 1) == k.pick_hash(h2) == i0
+    assert k.pick_key(b"anything") == i0
+
+
+@pytest.mark.parametrize(
+    ("weights", "lo", "hi", "size"),
+    [
+        # Envoy: scale = min(ceil(least_share * lo) / least_share, hi); points by running sums.
+        ([1] * 10, 1024, MAX_RING_SIZE, 1030),  # 103 each
+        ([1, 2, 3, 4], 1024, MAX_RING_SIZE, 1030),  # 103, 206, 309, 412
+        ([1] * 1024, 1024, MAX_RING_SIZE, 1024),  # one point each
+        ([1, 1000], 1024, MAX_RING_SIZE, 2002),  # the least gets 2 points
+        ([1, 1000], 1024, 1500, 1500),  # capped: 1500 points shared by weight
+        ([5, 0, 5], 8, 8, 8),
+        ([0, 0], 1024, MAX_RING_SIZE, 0),
+        ([], 1024, MAX_RING_SIZE, 0),
+    ],
+)
+def test_ring_size_follows_envoys_scaling(
+    impl: Impl, weights: list[int], lo: int, hi: int, size: int
+) -> None:
+    k = impl.RingHash(weights, names(len(weights)), min_ring_size=lo, max_ring_size=hi)
+    assert k.ring_size == size
+
+
+def test_ring_points_follow_weights_with_running_sums(impl: Impl) -> None:
+    # 1500 points for weights 1 and 1000: 1500/1001 = 1.499 -> ceil 2 for the first
+    # in name order, then 1500 - 2 = 1498 for the second.
+    k = impl.RingHash([1000, 1], [b"b", b"a"], min_ring_size=1024, max_ring_size=1500)
+    owners = Counter(k.pick_hash(h) for h in range(0, 2**64, 2**64 // 65536))
+    assert set(owners) == {0, 1}
+    assert owners[1] < owners[0] / 100
+
+
+@pytest.mark.parametrize("kind", HASH_KERNELS)
+def test_all_ineligible_gives_minus_one(impl: Impl, kind: str) -> None:
+    k = build(impl, kind, [1, 2, 3], names(3))
+    for i in range(3):
+        k.set_eligible(i, False)
+    keys = KEYS[:50]
+    assert set(key_picks(k, keys)) == {-1}
+    assert {k.pick_hash(h) for h in (0, 2**63, 2**64 - 1)} == {-1}
+    assert {k.position(h) for h in (0, 2**63, 2**64 - 1)} == {-1}
+    assert set(picks(k, 20)) == {-1}
+    assert k.pick_many(5) == -5
+    assert k.pick_key_many(keys) == -50
+    k.set_eligible(1, True)
+    assert set(key_picks(k, keys)) == {1}
+
+
+@pytest.mark.parametrize("kind", HASH_KERNELS)
+def test_no_endpoints_and_no_weight_give_minus_one(impl: Impl, kind: str) -> None:
+    empty = build(impl, kind, [], [])
+    assert (empty.pick_key(b"k"), empty.pick_hash(5), empty.position(5), empty.pick()) == (
+        -1,
+        -1,
+        -1,
+        -1,
+    )
+    zero = build(impl, kind, [0, 0], names(2))
+    assert zero.pick_key(b"k") == -1
+    zero.set_weight(1, 2)
+    assert set(key_picks(zero, KEYS[:50])) == {1}
+
+
+@pytest.mark.parametrize("kind", HASH_KERNELS)
+def test_keyless_pick_is_seeded_and_follows_weights(impl: Impl, kind: str) -> None:
+    weights = [1, 2, 3, 4]
+    a = build(impl, kind, weights, names(4), seed=11)
+    b = build(impl, kind, weights, names(4), seed=11)
+    first = picks(a, 4000)
+    assert first == picks(b, 4000)
+    a.seed(11)
+    assert picks(a, 4000) == first
+    assert picks(build(impl, kind, weights, names(4), seed=12), 4000) != first
+    counts = Counter(first)
+    assert all(
+        abs(counts[i] / 4000 / (w / 10) - 1) < TOLERANCE[kind] for i, w in enumerate(weights)
+    )
+    unseeded = [picks(build(impl, kind, weights, names(4)), 64) for _ in range(2)]
+    assert unseeded[0] != unseeded[1]
+
+
+@pytest.mark.parametrize("kind", HASH_KERNELS)
+def test_pick_key_is_pick_hash_of_hash64(impl: Impl, kind: str) -> None:
+    k = build(impl, kind, [1, 2, 3, 4, 5], names(5))
+    keys = [*KEYS[:500], b"", b"x" * 100]
+    assert key_picks(k, keys) == [k.pick_hash(impl.hash64(key)) for key in keys]
+    assert k.pick_key_many(keys) == sum(key_picks(k, keys))
+    assert k.pick_key_many(tuple(keys)) == k.pick_key_many(keys)
+    assert k.pick_key_many([]) == 0
+
+
+@pytest.mark.parametrize("kind", HASH_KERNELS)
+def test_bad_keys_and_hashes(impl: Impl, kind: str) -> None:
+    k = build(impl, kind, [1, 1], names(2))
+    for bad in ("abc", bytearray(b"abc"), None, 7):
+        with pytest.raises(TypeError):
+            k.pick_key(bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            k.pick_key_many([b"ok", bad])  # type: ignore[list-item]
+    for h in (-1, 2**64, -(2**70)):
+        with pytest.raises(OverflowError):
+            k.pick_hash(h)
+        with pytest.raises(OverflowError):
+            k.position(h)
+    with pytest.raises(TypeError):
+        k.pick_hash(1.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", HASH_KERNELS)
+def test_bad_names_are_errors(impl: Impl, kind: str) -> None:
+    with pytest.raises(ValueError, match="duplicate name b'a'"):
+        build(impl, kind, [1, 1, 1], [b"a", b"b", b"a"])
+    with pytest.raises(ValueError, match="differ in length: 2 names, 3 weights"):
+        build(impl, kind, [1, 1, 1], [b"a", b"b"])
+    with pytest.raises(ValueError, match="differ in length: 2 names, 1 weights"):
+        build(impl, kind, [1], [b"a", b"b"])
+    with pytest.raises(ValueError, match="must not be empty"):
+        build(impl, kind, [1, 1], [b"a", b""])
+    with pytest.raises(TypeError, match="names must be bytes, got str"):
+        build(impl, kind, [1, 1], [b"a", "b"])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("kind", HASH_KERNELS)
+@pytest.mark.parametrize("bad", [-1, MAX_WEIGHT + 1, 2**70])
+def test_bad_weights_are_value_errors(impl: Impl, kind: str, bad: int) -> None:
+    with pytest.raises(ValueError, match="weight must be an integer"):
+        build(impl, kind, [1, bad], names(2))
+    k = build(impl, kind, [1, 2], names(2))
+    before = key_picks(k, KEYS[:200])
+    with pytest.raises(ValueError, match="weight must be an integer"):
+        k.set_weight(1, bad)
+    assert k.weight(1) == 2
+    assert key_picks(k, KEYS[:200]) == before
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi"), [(0, 10), (10, 9), (1, MAX_RING_SIZE + 1), (MAX_RING_SIZE + 1, MAX_RING_SIZE + 1)]
+)
+def test_bad_ring_sizes_are_value_errors(impl: Impl, lo: int, hi: int) -> None:
+    with pytest.raises(ValueError, match="1 <= min_ring_size <= max_ring_size <= 8388608"):
+        impl.RingHash([1], [b"a"], min_ring_size=lo, max_ring_size=hi)
+
+
+@pytest.mark.parametrize("kind", HASH_KERNELS)
+def test_set_eligible_keeps_the_structure(impl: Impl, kind: str) -> None:
+    """Eligibility is a flag the lookup reads; only weights rebuild the ring or table."""
+    k = build(impl, kind, [1, 2, 3], names(3))
+    hs = [random.Random(5).getrandbits(64) for _ in range(100)]
+    positions = [k.position(h) for h in hs]
+    size = structure_size(k)
+    k.set_eligible(0, False)
+    k.set_eligible(0, True)
+    assert [k.position(h) for h in hs] == positions
+    assert structure_size(k) == size
+    assert repr(k) == f"<{type(k).__name__} {kind} n=3 in-rotation=3 in-flight=0>"
+    k.set_eligible(2, False)
+    k.set_weight(1, 0)
+    k.started(0)
+    assert repr(k) == f"<{type(k).__name__} {kind} n=3 in-rotation=1 in-flight=1>"

@@ -21,6 +21,7 @@ from tests.unit.kernel_support import (
     CLASS_NAMES,
     CYTHON,
     EWMA_CLASSES,
+    HASH_CLASSES,
     MAX_WEIGHT,
     MS,
     PYTHON,
@@ -29,6 +30,8 @@ from tests.unit.kernel_support import (
     T0,
     Impl,
     all_picks,
+    key_picks,
+    names,
     p2c_picks,
     picks,
     with_weights,
@@ -52,6 +55,8 @@ class Scenario:
     bias: float = 1.0
     decay_s: float = 10.0
     default_rtt_s: float = 0.03
+    min_ring_size: int = 1024
+    max_ring_size: int = 1024  # small: the twin hashes every point in Python
     ops: list[Op] = field(default_factory=list)
 
 
@@ -64,7 +69,9 @@ VARIANTS = [
     "least_request-equal",
     "least_request-weighted",
     "ewma",
+    "ring_hash",
 ]
+HASHING = ("ring_hash",)
 
 
 def build(m: Impl, sc: Scenario) -> Kernel:
@@ -78,6 +85,14 @@ def build(m: Impl, sc: Scenario) -> Kernel:
         return m.Random(sc.weights, seed=sc.seed)
     if kind == "least_request":
         return m.LeastRequest(sc.weights, active_request_bias=sc.bias, seed=sc.seed)
+    if kind == "ring_hash":
+        return m.RingHash(
+            sc.weights,
+            names(n),
+            min_ring_size=sc.min_ring_size,
+            max_ring_size=sc.max_ring_size,
+            seed=sc.seed,
+        )
     assert kind == "ewma"
     e = m.PeakEwma(n, sc.decay_s, sc.default_rtt_s, seed=sc.seed)
     return with_weights(e, sc.weights)
@@ -117,6 +132,15 @@ def run(k: Kernel, ops: Sequence[Op]) -> list[object]:
         elif kind == "cost":
             assert isinstance(k, EWMA_CLASSES)
             out.append(k.cost(i, now + a))
+        elif kind == "keys":
+            assert isinstance(k, HASH_CLASSES)
+            keys = [b"key-%d-%d" % (b, j) for j in range(a)]
+            out.append(key_picks(k, keys))
+            out.append(k.pick_key_many(keys))
+        elif kind == "hash":
+            assert isinstance(k, HASH_CLASSES)
+            h = (a * 0x9E3779B97F4A7C15 + b) % 2**64
+            out.append((k.pick_hash(h), k.position(h)))
         else:  # pragma: no cover
             raise AssertionError(kind)
     out.append([(k.weight(i), k.is_eligible(i), k.in_flight(i)) for i in range(k.n)])
@@ -140,8 +164,13 @@ def op_st(kernel: str, n: int) -> st.SearchStrategy[Op]:
             st.tuples(st.just("p2c"), st.just(0), count, st.just(0)),
             st.tuples(st.just("p2c_many"), st.just(0), count, st.just(0)),
         ]
-    if kernel.startswith(("random", "least_request", "ewma")):
+    if kernel.startswith(("random", "least_request", "ewma", *HASHING)):
         ops.append(st.tuples(st.just("seed"), st.just(0), st.integers(0, 2**64 - 1), st.just(0)))
+    if kernel in HASHING:
+        ops += [
+            st.tuples(st.just("keys"), st.just(0), count, st.integers(0, 2**32)),
+            st.tuples(st.just("hash"), st.just(0), st.integers(0, 2**64), st.integers(0, 2**64)),
+        ]
     if n:
         i = st.integers(0, n - 1)
         small = st.integers(1, 4)
@@ -173,6 +202,7 @@ def scenarios(draw: st.DrawFn, kernel: str) -> Scenario:
         weights = [draw(weights_st)] * n
     else:
         weights = draw(st.lists(weights_st, min_size=n, max_size=n))
+    min_ring = draw(st.sampled_from([1, 3, 64, 1024]))
     return Scenario(
         kernel=kernel,
         weights=weights,
@@ -181,6 +211,8 @@ def scenarios(draw: st.DrawFn, kernel: str) -> Scenario:
         bias=draw(st.sampled_from([0.5, 0.0, 1.0, 2.0, 3.25])),
         decay_s=draw(st.sampled_from([10.0, 0.001, 1.0])),
         default_rtt_s=draw(st.sampled_from([0.03, 0.0001, 1.0])),
+        min_ring_size=min_ring,
+        max_ring_size=draw(st.integers(min_ring, 1024)),
         ops=draw(st.lists(op_st(kernel, n), min_size=20, max_size=80)),
     )
 
@@ -197,6 +229,8 @@ def random_ops(rng: random.Random, kernel: str, n: int, count: int) -> list[Op]:
     kinds = ["pick"] * 6 + ["pick_many", "eligible", "weight", "started", "finished", "observe"]
     if kernel == "ewma":
         kinds += ["p2c", "p2c", "p2c_many", "cost"]
+    if kernel in HASHING:
+        kinds += ["keys"] * 4 + ["hash"] * 2
     ops: list[Op] = []
     for _ in range(count):
         kind = rng.choice(kinds)
@@ -207,6 +241,8 @@ def random_ops(rng: random.Random, kernel: str, n: int, count: int) -> list[Op]:
             a = int(rng.random() < 0.7)
         elif kind == "observe":
             a = int(rng.expovariate(1 / (5 * MS)))
+        elif kind == "hash":
+            a = rng.getrandbits(64)
         else:
             a = rng.randrange(20)
         ops.append((kind, i, a, rng.randrange(20 * MS)))
