@@ -133,3 +133,13 @@ cdef class RingHash(_HashKernel):
     cdef Py_ssize_t _size       # points on the ring
     cdef uint64_t *_hashes      # point hashes, ascending
     cdef int32_t *_owners       # backend index, by point
+
+
+cdef class Maglev(_HashKernel):
+    cdef uint64_t _size         # M, a prime
+    cdef int32_t *_table        # backend index, by slot (-1: none in the table)
+    cdef uint64_t *_offset      # start of each backend's permutation, by index
+    cdef uint64_t *_skip        # its step, by index
+    cdef uint64_t *_slot        # build: each backend's next slot in its permutation
+    cdef uint64_t *_target      # build: the round weight a backend's next turn needs
+    cdef int32_t *_entries      # build: backends with weight > 0, in name order

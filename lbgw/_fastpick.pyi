@@ -8,6 +8,7 @@ MAX_WEIGHT: int
 MAX_ACTIVE_REQUEST_BIAS: float
 EDF_THRESHOLD: int
 MAX_RING_SIZE: int
+MAX_TABLE_SIZE: int
 
 def hash64(data: bytes, seed: int = 0) -> int: ...
 
@@ -72,3 +73,15 @@ class RingHash(_HashKernel):
     ) -> None: ...
     @property
     def ring_size(self) -> int: ...
+
+class Maglev(_HashKernel):
+    def __init__(
+        self,
+        weights: Sequence[int],
+        names: Sequence[bytes],
+        *,
+        table_size: int = 65537,
+        seed: int | None = None,
+    ) -> None: ...
+    @property
+    def table_size(self) -> int: ...

@@ -31,6 +31,7 @@ MAX_WEIGHT = 1 << 24
 MAX_ACTIVE_REQUEST_BIAS = 10.0
 EDF_THRESHOLD = 64
 MAX_RING_SIZE = 8_388_608
+MAX_TABLE_SIZE = 5_000_011
 
 cdef enum:
     _LOGTAB_SIZE = 256
@@ -1130,6 +1131,110 @@ cdef class RingHash(_HashKernel):
         pos[0] = lo
         return self._owners[lo]
 
+
+cdef bint _is_prime(uint64_t m) noexcept:
+    cdef uint64_t d = 2
+    if m < 2:
+        return False
+    while d * d <= m:
+        if m % d == 0:
+            return False
+        d += 1
+    return True
+
+
+@cython.final
+cdef class Maglev(_HashKernel):
+    """Maglev hashing (Eisenbud et al., NSDI'16), weighted as Envoy's ``maglev``."""
+
+    name = "maglev"
+
+    def __dealloc__(self):
+        free(self._table)
+        free(self._offset)
+        free(self._skip)
+        free(self._slot)
+        free(self._target)
+        free(self._entries)
+
+    def __init__(self, weights, names, *, table_size=65537, seed=None):
+        m = operator.index(table_size)
+        if not (2 <= m <= MAX_TABLE_SIZE and _is_prime(m)):
+            raise ValueError(f"table_size must be a prime up to {MAX_TABLE_SIZE}, got {m}")
+        ws = [_check_weight(w) for w in weights]
+        cdef tuple ns = _check_names(names, len(ws))
+        cdef Py_ssize_t size = self._alloc_hash(len(ws))
+        self._table = <int32_t *>_calloc(m, sizeof(int32_t))
+        self._offset = <uint64_t *>_calloc(size, sizeof(uint64_t))
+        self._skip = <uint64_t *>_calloc(size, sizeof(uint64_t))
+        self._slot = <uint64_t *>_calloc(size, sizeof(uint64_t))
+        self._target = <uint64_t *>_calloc(size, sizeof(uint64_t))
+        self._entries = <int32_t *>_calloc(size, sizeof(int32_t))
+        self._n = size
+        self._size = m
+        self._init_hash(ws, ns, seed)
+        cdef Py_ssize_t i
+        cdef bytes name
+        for i in range(size):
+            name = ns[i]
+            self._offset[i] = xxh64(<const unsigned char *>name, len(name), 0) % self._size
+            self._skip[i] = xxh64(<const unsigned char *>name, len(name), 1) % (self._size - 1) + 1
+        self._refresh()
+
+    @property
+    def table_size(self):
+        return self._size
+
+    cdef int _build(self) except -1:
+        """The paper's Listing 1, with Envoy's weighted turns (see the twin)."""
+        cdef uint64_t m = self._size, filled = 0, rounds = 0, heaviest = 0, c
+        cdef Py_ssize_t k, e = 0, j
+        cdef int32_t i
+        for c in range(m):
+            self._table[c] = -1
+        for k in range(self._n):
+            i = self._order[k]
+            self._count[i] = 0
+            self._slot[i] = self._offset[i]
+            self._target[i] = 0
+            if self._w[i] > 0:
+                self._entries[e] = i
+                e += 1
+                if <uint64_t>self._w[i] > heaviest:
+                    heaviest = <uint64_t>self._w[i]
+        while e > 0 and filled < m:
+            rounds += 1
+            for j in range(e):
+                i = self._entries[j]
+                if rounds * <uint64_t>self._w[i] < self._target[i]:
+                    continue
+                self._target[i] += heaviest
+                c = self._slot[i]
+                while self._table[c] >= 0:
+                    c += self._skip[i]
+                    if c >= m:
+                        c -= m
+                self._table[c] = i
+                c += self._skip[i]
+                self._slot[i] = c - m if c >= m else c
+                self._count[i] += 1
+                filled += 1
+                if filled == m:
+                    break
+        return 0
+
+    cdef int _lookup(self, uint64_t h, Py_ssize_t *pos) noexcept nogil:
+        cdef uint64_t slot
+        if self._live == 0:
+            pos[0] = -1
+            return -1
+        slot = h % self._size
+        while not self._elig[self._table[slot]]:
+            slot += 1
+            if slot == self._size:
+                slot = 0
+        pos[0] = <Py_ssize_t>slot
+        return self._table[slot]
 
 
 ctypedef fused _AnyKernel:

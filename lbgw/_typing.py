@@ -69,6 +69,13 @@ class RingHashKernel(HashKernel, Protocol):
     def ring_size(self) -> int: ...
 
 
+class MaglevKernel(HashKernel, Protocol):
+    """Maglev hashing, which says how many slots its table has."""
+
+    @property
+    def table_size(self) -> int: ...
+
+
 class SwrrKernel(Kernel, Protocol):
     """Smooth weighted round-robin, which says which scheduler it runs."""
 
@@ -90,6 +97,8 @@ class KernelModule(Protocol):
     @property
     def MAX_RING_SIZE(self) -> int: ...  # noqa: N802
     @property
+    def MAX_TABLE_SIZE(self) -> int: ...  # noqa: N802
+    @property
     def hash64(self) -> Hash64: ...
     @property
     def SmoothWeightedRoundRobin(self) -> Callable[..., SwrrKernel]: ...  # noqa: N802 - a class
@@ -103,3 +112,5 @@ class KernelModule(Protocol):
     def PeakEwma(self) -> Callable[..., EwmaKernel]: ...  # noqa: N802
     @property
     def RingHash(self) -> Callable[..., RingHashKernel]: ...  # noqa: N802
+    @property
+    def Maglev(self) -> Callable[..., MaglevKernel]: ...  # noqa: N802

@@ -23,8 +23,10 @@ __all__ = [
     "MAX_ACTIVE_REQUEST_BIAS",
     "MAX_BACKENDS",
     "MAX_RING_SIZE",
+    "MAX_TABLE_SIZE",
     "MAX_WEIGHT",
     "LeastRequest",
+    "Maglev",
     "PeakEwma",
     "Random",
     "RingHash",
@@ -59,6 +61,7 @@ MAX_ACTIVE_REQUEST_BIAS: Final[float] = _impl.MAX_ACTIVE_REQUEST_BIAS
 MAX_BACKENDS: Final[int] = _impl.MAX_BACKENDS
 EDF_THRESHOLD: Final[int] = _impl.EDF_THRESHOLD
 MAX_RING_SIZE: Final[int] = _impl.MAX_RING_SIZE
+MAX_TABLE_SIZE: Final[int] = _impl.MAX_TABLE_SIZE
 hash64: Final[Hash64] = _impl.hash64
 
 SmoothWeightedRoundRobin: type[picking.SmoothWeightedRoundRobin] = _impl.SmoothWeightedRoundRobin
@@ -67,3 +70,4 @@ Random: type[picking.Random] = _impl.Random
 LeastRequest: type[picking.LeastRequest] = _impl.LeastRequest
 PeakEwma: type[picking.PeakEwma] = _impl.PeakEwma
 RingHash: type[picking.RingHash] = _impl.RingHash
+Maglev: type[picking.Maglev] = _impl.Maglev

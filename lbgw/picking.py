@@ -25,7 +25,7 @@ Rules shared by every kernel:
   in every process and on every platform, where Python's ``hash()`` is salted
   per process.
 
-The consistent-hashing kernels (RingHash) also take each backend's name, and
+The consistent-hashing kernels (RingHash, Maglev) also take each backend's name, and
 pick by a key's hash: ``pick_key(key)``, ``pick_hash(h)``; see ``_HashKernel``.
 """
 
@@ -44,8 +44,10 @@ __all__ = [
     "MAX_ACTIVE_REQUEST_BIAS",
     "MAX_BACKENDS",
     "MAX_RING_SIZE",
+    "MAX_TABLE_SIZE",
     "MAX_WEIGHT",
     "LeastRequest",
+    "Maglev",
     "PeakEwma",
     "Random",
     "RingHash",
@@ -73,6 +75,9 @@ EDF_THRESHOLD = 64
 #: Largest ring RingHash builds, and its default ``max_ring_size``: Envoy's
 #: limit (8M points, 96 MiB of C arrays here).
 MAX_RING_SIZE = 8_388_608
+
+#: Largest Maglev table: Envoy's limit (a prime; 20 MB of C array here).
+MAX_TABLE_SIZE = 5_000_011
 
 _M64 = (1 << 64) - 1
 _LOGTAB_SIZE = 256
@@ -961,3 +966,115 @@ class RingHash(_HashKernel):
 
     def _owner(self, pos: int) -> int:
         return self._owners[pos]
+
+
+def _is_prime(m: int) -> bool:
+    if m < 2:
+        return False
+    d = 2
+    while d * d <= m:
+        if m % d == 0:
+            return False
+        d += 1
+    return True
+
+
+class Maglev(_HashKernel):
+    """Maglev hashing (Eisenbud et al., "Maglev: A Fast and Reliable Software
+    Network Load Balancer", NSDI'16, section 3.4), as Envoy's ``maglev`` load
+    balancer.
+
+    A lookup table of ``table_size`` slots (a prime, default 65,537 as the
+    paper recommends and Envoy uses) maps ``h % table_size`` to a backend.
+    Every backend has a permutation of the slots, ``offset + j * skip`` with
+    ``offset = hash64(name, 0) % M`` and ``skip = hash64(name, 1) % (M - 1) + 1``
+    (Envoy's seeds), and the backends take turns claiming their next free
+    slot until the table is full (the paper's Listing 1). Weights work as in
+    Envoy's ``maglev_lb.cc``: a backend takes its turn in round ``k`` only when
+    ``k * weight >= target``, and its target then grows by the largest weight,
+    so the heaviest backend takes a turn every round and one of half its
+    weight every other round. Envoy compares normalized weights in doubles;
+    here the same comparison is exact, in integers. The backends take their
+    turns in name order, which Envoy also sorts by, so the table does not
+    depend on the order they are given in.
+
+    Every backend gets close to its share of slots (1 / M apart), and a lookup
+    is one modulo and one load. When a backend leaves the table (weight 0, or
+    a new kernel without it), its slots go to others and a few other slots
+    change hands too: Maglev trades strict minimal disruption for balance,
+    and with M much larger than the backend count that extra is well under
+    1% of the keys. A backend out by ``set_eligible`` keeps its slots; the
+    lookup walks to the next slot whose backend is eligible, so only its own
+    keys move.
+    """
+
+    name: ClassVar[str] = "maglev"
+
+    def __init__(
+        self,
+        weights: Sequence[int],
+        names: Sequence[bytes],
+        *,
+        table_size: int = 65537,
+        seed: int | None = None,
+    ) -> None:
+        m = operator.index(table_size)
+        if not (2 <= m <= MAX_TABLE_SIZE and _is_prime(m)):
+            raise ValueError(f"table_size must be a prime up to {MAX_TABLE_SIZE}, got {m}")
+        super().__init__(weights, names, seed)
+        self._size = m
+        self._offset = [hash64(name, 0) % m for name in self._names]
+        self._skip = [hash64(name, 1) % (m - 1) + 1 for name in self._names]
+        self._table = [-1] * m  # backend index, by slot
+        self._rebuild()
+
+    @property
+    def table_size(self) -> int:
+        return self._size
+
+    def _build(self) -> None:
+        m = self._size
+        w = self._w
+        skip = self._skip
+        table = [-1] * m
+        count = [0] * self._n
+        entries = [i for i in self._order if w[i] > 0]
+        heaviest = max((w[i] for i in entries), default=0)
+        slot = list(self._offset)  # each backend's next slot in its permutation
+        target = [0] * self._n
+        filled = 0
+        rounds = 0
+        while entries and filled < m:
+            rounds += 1
+            for i in entries:
+                if rounds * w[i] < target[i]:
+                    continue
+                target[i] += heaviest
+                c = slot[i]
+                while table[c] >= 0:
+                    c += skip[i]
+                    if c >= m:
+                        c -= m
+                table[c] = i
+                c += skip[i]
+                slot[i] = c - m if c >= m else c
+                count[i] += 1
+                filled += 1
+                if filled == m:
+                    break
+        self._table = table
+        self._count = count
+
+    def _locate(self, h: int) -> int:
+        if self._live == 0:
+            return -1
+        m = self._size
+        pos = h % m
+        while not self._elig[self._table[pos]]:
+            pos += 1
+            if pos == m:
+                pos = 0
+        return pos
+
+    def _owner(self, pos: int) -> int:
+        return self._table[pos]

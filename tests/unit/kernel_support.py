@@ -29,10 +29,11 @@ CLASS_NAMES = [
     "LeastRequest",
     "PeakEwma",
     "RingHash",
+    "Maglev",
 ]
 EWMA_CLASSES = (picking.PeakEwma, _fastpick.PeakEwma)
 RING_CLASSES = (picking.RingHash, _fastpick.RingHash)
-HASH_CLASSES = RING_CLASSES
+HASH_CLASSES = (*RING_CLASSES, picking.Maglev, _fastpick.Maglev)
 SEEDED_CLASSES = (
     picking.Random,
     _fastpick.Random,
@@ -87,9 +88,11 @@ FACTORIES: dict[str, Factory] = {
     "least_request-bias": lambda m, ws: m.LeastRequest(ws, active_request_bias=0.5, seed=7),
     "ewma": lambda m, ws: with_weights(m.PeakEwma(len(ws), seed=7), ws),
     "ring_hash": lambda m, ws: m.RingHash(ws, names(len(ws)), seed=7),
+    # A small table keeps the twin's rebuilds quick; test_hash_kernels.py uses Envoy's.
+    "maglev": lambda m, ws: m.Maglev(ws, names(len(ws)), table_size=251, seed=7),
 }
 #: The kernels that pick by a key's hash.
-HASH_KERNELS = ("ring_hash",)
+HASH_KERNELS = ("ring_hash", "maglev")
 
 
 def all_picks(k: Kernel, count: int) -> list[int]:

@@ -57,6 +57,7 @@ class Scenario:
     default_rtt_s: float = 0.03
     min_ring_size: int = 1024
     max_ring_size: int = 1024  # small: the twin hashes every point in Python
+    table_size: int = 251
     ops: list[Op] = field(default_factory=list)
 
 
@@ -70,8 +71,9 @@ VARIANTS = [
     "least_request-weighted",
     "ewma",
     "ring_hash",
+    "maglev",
 ]
-HASHING = ("ring_hash",)
+HASHING = ("ring_hash", "maglev")
 
 
 def build(m: Impl, sc: Scenario) -> Kernel:
@@ -93,6 +95,8 @@ def build(m: Impl, sc: Scenario) -> Kernel:
             max_ring_size=sc.max_ring_size,
             seed=sc.seed,
         )
+    if kind == "maglev":
+        return m.Maglev(sc.weights, names(n), table_size=sc.table_size, seed=sc.seed)
     assert kind == "ewma"
     e = m.PeakEwma(n, sc.decay_s, sc.default_rtt_s, seed=sc.seed)
     return with_weights(e, sc.weights)
@@ -213,6 +217,7 @@ def scenarios(draw: st.DrawFn, kernel: str) -> Scenario:
         default_rtt_s=draw(st.sampled_from([0.03, 0.0001, 1.0])),
         min_ring_size=min_ring,
         max_ring_size=draw(st.integers(min_ring, 1024)),
+        table_size=draw(st.sampled_from([2, 3, 7, 13, 251, 1021])),
         ops=draw(st.lists(op_st(kernel, n), min_size=20, max_size=80)),
     )
 
@@ -264,6 +269,7 @@ def test_twins_make_identical_picks_over_a_long_run(variant: str) -> None:
         seed=rng.getrandbits(64),
         edf_threshold=1 if variant == "swrr-edf" else SCAN,
         bias=1.5,
+        table_size=1021,
         ops=random_ops(rng, variant, n, 3000),
     )
     python, cython = run(build(PYTHON, sc), sc.ops), run(build(CYTHON, sc), sc.ops)
