@@ -9,6 +9,13 @@ implementation it measures what one ``pick()`` costs:
 * ``c_loop``: the same compiled kernel's ``pick_many(count)`` (``pick_p2c_many``
   for ``ewma_p2c``), a C loop without the GIL, divided by ``count``.
 
+The consistent-hashing kernels (``ring_hash``, ``maglev``) are timed the way
+session affinity uses them, by key and *including the key's hashing*: each
+pick is ``pick_key(key)`` over a pre-made list of 16-byte keys (random, like
+session ids), hashed with xxHash64 and looked up. Their ``c_loop`` is
+``pick_key_many(keys)``, which walks the list in C (holding the GIL, as it
+reads Python bytes objects) and hashes and looks up each key.
+
 ``cython`` minus ``c_loop`` is the cost of calling a kernel from Python, which
 the balancer pays on every call it forwards. A footer gives the two baselines
 for that figure: the empty loop alone, and the loop calling a compiled method
@@ -48,7 +55,7 @@ from pathlib import Path
 from args import positive
 
 from lbgw import _fastpick, picking
-from lbgw._typing import Kernel, KernelModule
+from lbgw._typing import HashKernel, Kernel, KernelModule
 
 IMPLS = ("python", "cython", "c_loop")
 KERNELS = (
@@ -60,6 +67,8 @@ KERNELS = (
     "least_request_weighted",
     "ewma",
     "ewma_p2c",
+    "ring_hash",
+    "maglev",
 )
 SIZES = (3, 16, 64, 1024)
 
@@ -72,15 +81,25 @@ QUICK_MIN_TIME = 0.002
 _CALIBRATE_SHARE = 0.25
 #: Kernels whose picks read in-flight counts; setup gives them some.
 _LOAD_AWARE = frozenset({"least_request", "least_request_weighted", "ewma", "ewma_p2c"})
+#: Keys the hashing kernels cycle through: 16 bytes each, like session ids.
+_KEY_COUNT = 4096
+_KEY_BYTES = 16
 
 
 @dataclass(frozen=True)
 class _Subject:
-    """One kernel instance, ready to time: how to pick once and how to pick ``count`` times."""
+    """One kernel instance, ready to time: how to pick once and how to pick ``count`` times.
+
+    A hashing kernel picks by key instead: ``pick_key(key)`` for each of ``keys`` in
+    turn, and ``pick_key_many(keys)`` for a list of them in one call.
+    """
 
     pick: Callable[[], int]
     pick_many: Callable[[int], int]
     note: str
+    keys: list[bytes] | None = None
+    pick_key: Callable[[bytes], int] | None = None
+    pick_key_many: Callable[[list[bytes]], int] | None = None
 
 
 # --- kernels under test ------------------------------------------------------
@@ -126,6 +145,18 @@ def _make(name: str, n: int, compiled: bool) -> _Subject:
     elif name in ("least_request", "least_request_weighted"):
         ws = [1] * n if name == "least_request" else _weights(rng, n)
         k = mod.LeastRequest(ws, seed=seed)
+    elif name in ("ring_hash", "maglev"):
+        ws = _weights(rng, n)
+        ns = [b"10.%d.%d.%d:50051" % (i >> 16, (i >> 8) & 255, i & 255) for i in range(n)]
+        hk: HashKernel
+        if name == "ring_hash":
+            ring = mod.RingHash(ws, ns, seed=seed)
+            note, hk = f"ring {ring.ring_size} points", ring
+        else:
+            maglev = mod.Maglev(ws, ns, seed=seed)
+            note, hk = f"table {maglev.table_size} slots", maglev
+        keys = [rng.randbytes(_KEY_BYTES) for _ in range(_KEY_COUNT)]
+        return _Subject(hk.pick, hk.pick_many, note, keys, hk.pick_key, hk.pick_key_many)
     elif name in ("ewma", "ewma_p2c"):
         ewma = mod.PeakEwma(n, seed=seed)
         k = ewma
@@ -160,6 +191,36 @@ def _time_c_loop(fn: Callable[[int], object], count: int) -> int:
     """Nanoseconds for one call ``fn(count)`` that loops ``count`` times in C."""
     t0 = time.perf_counter_ns()
     fn(count)
+    return time.perf_counter_ns() - t0
+
+
+def _time_key_calls(fn: Callable[[bytes], object], keys: list[bytes], count: int) -> int:
+    """Nanoseconds for ``count`` calls ``fn(key)``, cycling through ``keys``."""
+    loop = itertools.islice(itertools.cycle(keys), count)
+    t0 = time.perf_counter_ns()
+    for key in loop:
+        fn(key)
+    return time.perf_counter_ns() - t0
+
+
+def _time_key_many(fn: Callable[[list[bytes]], object], keys: list[bytes], count: int) -> int:
+    """Nanoseconds for ``count`` keys' picks by ``fn(keys)``, which loops over them in C."""
+    full, rest = divmod(count, len(keys))
+    tail = keys[:rest]
+    t0 = time.perf_counter_ns()
+    for _ in range(full):
+        fn(keys)
+    if rest:
+        fn(tail)
+    return time.perf_counter_ns() - t0
+
+
+def _time_empty_key_loop(keys: list[bytes], count: int) -> int:
+    """Nanoseconds for the loop of ``_time_key_calls`` with nothing in it."""
+    loop = itertools.islice(itertools.cycle(keys), count)
+    t0 = time.perf_counter_ns()
+    for _ in loop:
+        pass
     return time.perf_counter_ns() - t0
 
 
@@ -211,7 +272,12 @@ def _cells(kernels: Sequence[str], impls: Sequence[str], sizes: Sequence[int]) -
             for impl in impls:
                 s = _make(kernel, n, compiled=impl != "python")
                 run: Callable[[int], int]
-                if impl == "c_loop":
+                if s.keys is not None and s.pick_key is not None and s.pick_key_many is not None:
+                    if impl == "c_loop":
+                        run = functools.partial(_time_key_many, s.pick_key_many, s.keys)
+                    else:
+                        run = functools.partial(_time_key_calls, s.pick_key, s.keys)
+                elif impl == "c_loop":
                     run = functools.partial(_time_c_loop, s.pick_many)
                 else:
                     run = functools.partial(_time_calls, s.pick)
@@ -219,17 +285,20 @@ def _cells(kernels: Sequence[str], impls: Sequence[str], sizes: Sequence[int]) -
     return cells
 
 
-def _overhead_cells() -> tuple[_Cell, _Cell]:
-    """The loop alone, and the loop calling a compiled method that returns at once.
+def _overhead_cells() -> tuple[_Cell, _Cell, _Cell]:
+    """The loop alone, the loop calling a compiled method that returns at once, and the
+    key loop of the hashing kernels alone.
 
     ``RoundRobin(0).pick`` is a real kernel method with nothing in rotation:
     it checks the count, returns -1 and touches no array, so what it costs is
     the call itself.
     """
     noop = _fastpick.RoundRobin(0).pick
+    keys = [random.Random("lbgw-bench/keys").randbytes(_KEY_BYTES) for _ in range(_KEY_COUNT)]
     empty = _Cell("(empty loop)", "python", 0, _time_empty_loop)
     call = _Cell("(no-op call)", "cython", 0, functools.partial(_time_calls, noop))
-    return empty, call
+    key_loop = _Cell("(empty key loop)", "python", 0, functools.partial(_time_empty_key_loop, keys))
+    return empty, call, key_loop
 
 
 # --- report -----------------------------------------------------------------
@@ -373,8 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = time.perf_counter()
     cells = _cells(kernels, impls, sizes)
-    empty, call = _overhead_cells()
-    everything = [*cells, empty, call]
+    empty, call, key_loop = _overhead_cells()
+    everything = [*cells, empty, call, key_loop]
     order = random.Random(0x1B6E)
 
     gc.collect()
@@ -413,7 +482,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"# loop baselines: empty `for` loop {_ns(empty.median)} ns/iter; "
         f"same loop calling a compiled no-op (_fastpick.RoundRobin(0).pick) "
-        f"{_ns(call.median)} ns/iter."
+        f"{_ns(call.median)} ns/iter; the hashing kernels' loop over a key list "
+        f"{_ns(key_loop.median)} ns/iter."
+    )
+    print(
+        f"# ring_hash, maglev: pick_key(key) over {_KEY_COUNT} random {_KEY_BYTES}-byte keys, "
+        "xxHash64 included; C loop = pick_key_many(keys)."
     )
     print(
         "# least_request*, ewma*: in-flight counts (0-3) set at setup; "
