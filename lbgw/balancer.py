@@ -17,23 +17,31 @@ Strategies map onto the kernels of ``lbgw.kernels``:
 * ``ewma``: ``PeakEwma``; ``choice = "p2c"`` (default) compares two random
   candidates, as tower and Linkerd do, so that a burst of calls does not all
   land on the one backend that looked best; ``"best"`` takes the argmin.
+* ``ring_hash`` and ``maglev``: ``RingHash`` and ``Maglev``, looked up by a
+  call's key (``pick_key``, see ``affinity.py``); calls without a key are
+  picked by the ``fallback`` strategy's kernel, which is ``kernel`` here and
+  keeps the in-flight counts. Both kernels hear every rotation change.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
-from lbgw._typing import Kernel
-from lbgw.config import ClusterConfig
+from lbgw._typing import HashKernel, Kernel
+from lbgw.config import HASH_STRATEGIES, ClusterConfig
 from lbgw.exceptions import NoEligibleEndpointError
 from lbgw.kernels import (
     MAX_WEIGHT,
     LeastRequest,
+    Maglev,
     PeakEwma,
     Random,
+    RingHash,
     RoundRobin,
     SmoothWeightedRoundRobin,
+    hash64,
 )
 
 #: The most candidates a trace lists for one pick.
@@ -52,6 +60,8 @@ def make_kernel(cluster: ClusterConfig, scale: int = 1) -> tuple[Kernel, Callabl
     ``scale`` multiplies every weight (picks are the same for any common
     factor); slow start uses it to ramp weights in fine steps.
     """
+    if cluster.strategy in HASH_STRATEGIES:  # the kernel of calls without a key
+        cluster = dataclasses.replace(cluster, strategy=cluster.params.fallback)
     weights = [e.weight * scale for e in cluster.endpoints]
     params = cluster.params
     kernel: Kernel
@@ -75,14 +85,48 @@ def make_kernel(cluster: ClusterConfig, scale: int = 1) -> tuple[Kernel, Callabl
     return kernel, kernel.pick
 
 
+def make_hash_kernel(cluster: ClusterConfig) -> HashKernel | None:
+    """The consistent-hashing kernel of a ``ring_hash`` or ``maglev`` cluster, else None."""
+    weights = [e.weight for e in cluster.endpoints]
+    names = [e.address.encode() for e in cluster.endpoints]
+    params = cluster.params
+    if cluster.strategy == "ring_hash":
+        return RingHash(
+            weights,
+            names,
+            min_ring_size=params.min_ring_size,
+            max_ring_size=params.max_ring_size,
+            seed=params.seed,
+        )
+    if cluster.strategy == "maglev":
+        return Maglev(weights, names, table_size=params.table_size, seed=params.seed)
+    return None
+
+
 class Balancer:
     """Picks among one cluster's endpoints and keeps the kernel's load figures."""
 
-    __slots__ = ("_pick", "_scale", "_shares", "addresses", "kernel", "name", "strategy", "weights")
+    __slots__ = (
+        "_pick",
+        "_scale",
+        "_shares",
+        "addresses",
+        "fallback",
+        "hashing",
+        "kernel",
+        "name",
+        "strategy",
+        "weights",
+    )
 
     def __init__(self, cluster: ClusterConfig) -> None:
         self.name = cluster.name
         self.strategy = cluster.strategy
+        #: The strategy of ``kernel``: the cluster's, or a hashing cluster's fallback.
+        self.fallback = cluster.strategy
+        self.hashing = make_hash_kernel(cluster)
+        if self.hashing is not None:
+            self.fallback = cluster.params.fallback
         self.addresses = tuple(e.address for e in cluster.endpoints)
         self.weights = tuple(e.weight for e in cluster.endpoints)
         self._scale = 1
@@ -135,8 +179,36 @@ class Balancer:
         kernel.started(i)
         return i
 
+    def pick_key(self, key: bytes, exclude: int = -1) -> int:
+        """The endpoint that ``key`` hashes to (never ``exclude``); counts it as started.
+
+        Only for hashing clusters. Raises ``NoEligibleEndpointError`` as ``pick`` does.
+        """
+        hashing = self.hashing
+        assert hashing is not None, "pick_key needs a ring_hash or maglev cluster"
+        if exclude >= 0 and hashing.is_eligible(exclude):
+            hashing.set_eligible(exclude, False)
+            try:
+                i = hashing.pick_key(key)
+            finally:
+                hashing.set_eligible(exclude, True)
+        else:
+            i = hashing.pick_key(key)
+        if i < 0:
+            raise NoEligibleEndpointError(self.name)
+        self.kernel.started(i)
+        return i
+
+    def position(self, key: bytes) -> int:
+        """Where ``key`` falls: its ring point or Maglev slot, for traces (-1: no hashing)."""
+        if self.hashing is None:
+            return -1
+        return self.hashing.position(hash64(key))
+
     def set_eligible(self, i: int, eligible: bool) -> None:
         self.kernel.set_eligible(i, eligible)
+        if self.hashing is not None:
+            self.hashing.set_eligible(i, eligible)
 
     def is_eligible(self, i: int) -> bool:
         return self.kernel.is_eligible(i)
@@ -161,7 +233,7 @@ class Balancer:
         in index order. Only sampled calls pay for this.
         """
         kernel = self.kernel
-        ewma = self.strategy == "ewma"
+        ewma = self.fallback == "ewma"
         now = time.monotonic_ns()
         out: list[tuple[str, dict[str, float]]] = []
         for i, address in enumerate(self.addresses):

@@ -16,6 +16,7 @@ import ctypes
 import logging
 import math
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -26,15 +27,19 @@ from dataclasses import replace
 from typing import Any, Final
 
 from lbgw.config import (
+    HASH_STRATEGIES,
     HEALTH_MODES,
+    STICKY_SECRET_ENV,
     STRATEGIES,
     Config,
     ListenerConfig,
     MethodKind,
     config_from_mapping,
+    is_metadata_key,
     is_method_name,
     load_config,
     parse_address,
+    sticky_from_env,
     tracing_from_env,
 )
 from lbgw.exceptions import ConfigError, LbgwError
@@ -124,6 +129,12 @@ def _parser() -> argparse.ArgumentParser:
         help="learn method kinds from the backends' server reflection (quick form)",
     )
     serve.add_argument(
+        "--hash-key",
+        metavar="KEY",
+        help="with --strategy ring_hash or maglev: the request metadata key whose value is "
+        "hashed, e.g. x-session-id (quick form)",
+    )
+    serve.add_argument(
         "--health-check",
         choices=HEALTH_MODES,
         help="active health checks: grpc (grpc.health.v1, the default), tcp or none (quick form)",
@@ -164,6 +175,7 @@ def _serve_config(args: argparse.Namespace) -> Config:
         or args.reflection
         or args.health_check
         or args.health_interval is not None
+        or args.hash_key
     )
     if args.config and quick:
         raise ConfigError(
@@ -188,6 +200,26 @@ def _serve_config(args: argparse.Namespace) -> Config:
             "methods": dict(args.method),
             "reflection": args.reflection,
         }
+        hashing = cluster["strategy"] in HASH_STRATEGIES
+        if hashing and not args.hash_key:
+            raise ConfigError(
+                "command line",
+                "--hash-key",
+                f"a metadata key such as x-session-id with --strategy {cluster['strategy']}",
+            )
+        if args.hash_key:
+            if not hashing:
+                raise ConfigError(
+                    "command line", "--hash-key", "--strategy ring_hash or maglev as well"
+                )
+            if not is_metadata_key(args.hash_key):
+                raise ConfigError(
+                    "command line",
+                    "--hash-key",
+                    "a metadata key of lower-case letters, digits, '-', '_' and '.'",
+                    args.hash_key,
+                )
+            cluster["params"] = {"hash_key": args.hash_key}
         health: dict[str, Any] = {}
         if args.health_check:
             health["mode"] = args.health_check
@@ -223,6 +255,7 @@ def _serve_config(args: argparse.Namespace) -> Config:
         log_config = replace(log_config, format=args.log_format)
     # The OTEL_* variables win over the file's [tracing], as they do for any OpenTelemetry SDK.
     tracing = tracing_from_env(config.tracing, os.environ)
+    config = sticky_from_env(config, os.environ)
     return replace(config, log=log_config, tracing=tracing, **changes)
 
 
@@ -306,6 +339,9 @@ def _supervise(config: Config, argv: Sequence[str]) -> int:
     signal.signal(signal.SIGINT, on_signal)
     addresses, holders = _reserve_ports(config)
     env = dict(os.environ, **{_WORKER_LISTENERS_ENV: ",".join(addresses)})
+    if any(c.sticky.enabled and not c.sticky.secret for c in config.clusters):
+        # One secret for all the workers, so that each honours the others' tokens.
+        env[STICKY_SECRET_ENV] = secrets.token_urlsafe(32)
     env[_WORKER_PARENT_ENV] = str(os.getpid())
     workers: list[subprocess.Popen[bytes]] = []
     for n in range(config.workers):

@@ -17,6 +17,7 @@ Layout::
     [clusters.NAME.outlier_detection]  consecutive_failures, failure_codes, ejection times, ...
     [clusters.NAME.slow_start]         window, aggression, min_weight_percent
     [clusters.NAME.retries]            max_attempts, budget_percent, min_retry_concurrency
+    [clusters.NAME.sticky]             enabled, key, secret
     [[routes]]    one of method / service / package / default, cluster, retry_on
     [tracing]     service_name, exporter, endpoint, protocol, sampler, sampler_arg,
                   bsp_schedule_delay_ms, bsp_max_queue_size, bsp_max_export_batch_size,
@@ -59,12 +60,15 @@ __all__ = [
     "RetryConfig",
     "RouteConfig",
     "SlowStartConfig",
+    "StickyConfig",
     "StrategyParams",
     "TracingConfig",
     "config_from_mapping",
+    "is_metadata_key",
     "is_method_name",
     "load_config",
     "parse_address",
+    "sticky_from_env",
     "tracing_from_env",
 ]
 
@@ -72,7 +76,25 @@ __all__ = [
 DEFAULT_MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
 #: The largest message size gRPC can carry (a signed 32-bit length).
 MAX_MESSAGE_BYTES: Final = 2**31 - 1
-STRATEGIES: Final = ("swrr", "ewma", "round_robin", "random", "least_request")
+STRATEGIES: Final = (
+    "swrr",
+    "ewma",
+    "round_robin",
+    "random",
+    "least_request",
+    "ring_hash",
+    "maglev",
+)
+#: The consistent-hashing strategies: they pick by a key of the call.
+HASH_STRATEGIES: Final = ("ring_hash", "maglev")
+#: What the hashing strategies can hash: a metadata value, the client's IP, the method.
+HASH_ON: Final = ("metadata", "peer", "method")
+#: Envoy's bounds: ring sizes up to 8M points; Maglev tables up to 5,000,011 slots.
+MAX_RING_SIZE: Final = 8 * 1024 * 1024
+MAX_MAGLEV_TABLE: Final = 5_000_011
+DEFAULT_STICKY_KEY: Final = "lbgw-sticky"
+#: The environment variable that gives the sticky-token secret when the file does not.
+STICKY_SECRET_ENV: Final = "LBGW_STICKY_SECRET"
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("json", "text")
 HEALTH_MODES: Final = ("grpc", "tcp", "none")
@@ -133,6 +155,12 @@ class StrategyParams:
     choice: str = "p2c"  # ewma: "p2c" (two random candidates) or "best" (all)
     active_request_bias: float = 1.0  # least_request
     seed: int | None = None  # random, least_request, ewma: a fixed seed for reproducible picks
+    hash_on: str = "metadata"  # ring_hash, maglev: "metadata", "peer" (client IP) or "method"
+    hash_key: str = ""  # ring_hash, maglev: the metadata key hashed, with hash_on = "metadata"
+    fallback: str = "swrr"  # ring_hash, maglev: the strategy for calls without the key
+    min_ring_size: int = 1024  # ring_hash (Envoy's default)
+    max_ring_size: int = MAX_RING_SIZE  # ring_hash (Envoy's default)
+    table_size: int = 65537  # maglev: a prime (Envoy's default)
 
 
 _PARAMS_FOR: Final[Mapping[str, frozenset[str]]] = {
@@ -141,7 +169,25 @@ _PARAMS_FOR: Final[Mapping[str, frozenset[str]]] = {
     "random": frozenset({"seed"}),
     "least_request": frozenset({"active_request_bias", "seed"}),
     "ewma": frozenset({"decay", "default_rtt", "choice", "seed"}),
+    "ring_hash": frozenset(
+        {"hash_on", "hash_key", "fallback", "min_ring_size", "max_ring_size", "seed"}
+    ),
+    "maglev": frozenset({"hash_on", "hash_key", "fallback", "table_size", "seed"}),
 }
+
+
+@dataclass(frozen=True, slots=True)
+class StickyConfig:
+    """Sticky sessions: a signed token in the response pins a client to its endpoint.
+
+    The token is an HMAC-SHA256 of the cluster and endpoint under ``secret``
+    (or the ``LBGW_STICKY_SECRET`` variable), so lbgw replicas that share the
+    secret honour each other's tokens and a client cannot forge one.
+    """
+
+    enabled: bool = False
+    key: str = DEFAULT_STICKY_KEY  # the metadata key of the token, both ways
+    secret: str = ""  # LBGW_STICKY_SECRET wins; neither: a random secret of this process
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +266,7 @@ class ClusterConfig:
     outlier_detection: OutlierConfig = field(default_factory=OutlierConfig)
     slow_start: SlowStartConfig = field(default_factory=SlowStartConfig)
     retries: RetryConfig = field(default_factory=RetryConfig)
+    sticky: StickyConfig = field(default_factory=StickyConfig)
     #: Envoy's panic threshold, in percent: below this share of healthy
     #: endpoints, route to all of them. 0 (the default) turns it off.
     panic_threshold: float = 0.0
@@ -659,6 +706,7 @@ class _Reader:
                 "slow_start",
                 "retries",
                 "panic_threshold",
+                "sticky",
             }
         )
         table = self.table(value, key, keys)
@@ -729,6 +777,7 @@ class _Reader:
             ),
             slow_start=slow_start,
             retries=self.retries(table.get("retries", {}), f"{key}.retries"),
+            sticky=self.sticky(table.get("sticky", {}), f"{key}.sticky"),
             panic_threshold=self.number(
                 table.get("panic_threshold", 0.0),
                 f"{key}.panic_threshold",
@@ -832,6 +881,23 @@ class _Reader:
             ),
         )
 
+    def sticky(self, value: object, key: str) -> StickyConfig:
+        d = StickyConfig()
+        table = self.table(value, key, frozenset(f.name for f in dataclasses.fields(d)))
+        token_key = self.string(table.get("key", d.key), f"{key}.key")
+        if not is_metadata_key(token_key) or token_key.endswith("-bin"):
+            raise self.fail(
+                f"{key}.key",
+                "a metadata key of lower-case letters, digits, '-', '_' and '.', not ending "
+                "in -bin nor starting with grpc-",
+                token_key,
+            )
+        return StickyConfig(
+            enabled=self.boolean(table.get("enabled", d.enabled), f"{key}.enabled"),
+            key=token_key,
+            secret=self.string(table.get("secret", d.secret), f"{key}.secret"),
+        )
+
     def retries(self, value: object, key: str) -> RetryConfig:
         d = RetryConfig()
         table = self.table(value, key, frozenset(f.name for f in dataclasses.fields(d)))
@@ -889,7 +955,51 @@ class _Reader:
                 high=MAX_ACTIVE_REQUEST_BIAS,
             ),
             seed=None if seed is None else self.integer(seed, f"{key}.seed", 0, 2**64 - 1),
+            **self.hashing(table, key, strategy),
         )
+
+    def hashing(self, table: Mapping[str, Any], key: str, strategy: str) -> dict[str, Any]:
+        """The parameters of ``ring_hash`` and ``maglev``; {} for other strategies."""
+        if strategy not in HASH_STRATEGIES:
+            return {}
+        d = StrategyParams()
+        hash_on = self.string(table.get("hash_on", d.hash_on), f"{key}.hash_on", HASH_ON)
+        hash_key = table.get("hash_key", "")
+        if hash_on == "metadata":
+            if not isinstance(hash_key, str) or not is_metadata_key(hash_key):
+                raise self.fail(
+                    f"{key}.hash_key",
+                    'a metadata key such as "x-session-id" (hash_on = "metadata")',
+                    hash_key or None,
+                )
+        elif "hash_key" in table:
+            raise self.fail(f"{key}.hash_key", f'no hash_key with hash_on = "{hash_on}"')
+        fallback = self.string(
+            table.get("fallback", d.fallback),
+            f"{key}.fallback",
+            tuple(s for s in STRATEGIES if s not in HASH_STRATEGIES),
+        )
+        out: dict[str, Any] = {"hash_on": hash_on, "hash_key": hash_key, "fallback": fallback}
+        if strategy == "ring_hash":
+            low = self.integer(
+                table.get("min_ring_size", d.min_ring_size),
+                f"{key}.min_ring_size",
+                1,
+                MAX_RING_SIZE,
+            )
+            high = self.integer(
+                table.get("max_ring_size", max(low, d.max_ring_size)),
+                f"{key}.max_ring_size",
+                low,
+                MAX_RING_SIZE,
+            )
+            out.update(min_ring_size=low, max_ring_size=high)
+        else:
+            size = table.get("table_size", d.table_size)
+            if not (isinstance(size, int) and not isinstance(size, bool) and _is_prime(size)):
+                raise self.fail(f"{key}.table_size", "a prime number, such as 65537", size)
+            out["table_size"] = self.integer(size, f"{key}.table_size", 2, MAX_MAGLEV_TABLE)
+        return out
 
     def routes(self, value: object, clusters: set[str]) -> tuple[RouteConfig, ...]:
         if value is None:
@@ -940,6 +1050,40 @@ class _Reader:
 
 def _is_dotted(text: str) -> bool:
     return bool(text) and all(part and part.replace("_", "a").isalnum() for part in text.split("."))
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    return all(n % d for d in range(2, math.isqrt(n) + 1))
+
+
+def is_metadata_key(text: str) -> bool:
+    """Whether ``text`` is a custom gRPC metadata key: lower case, not ``grpc-`` nor ``:``."""
+    return (
+        bool(text)
+        and all(c.isascii() and (c.islower() or c.isdigit() or c in "-_.") for c in text)
+        and not text.startswith("grpc-")
+    )
+
+
+def sticky_from_env(config: Config, environ: Mapping[str, str]) -> Config:
+    """``config`` with ``LBGW_STICKY_SECRET``, when set, as every sticky cluster's secret.
+
+    The variable wins over the file, as the ``OTEL_*`` variables do, so a
+    secret injected into the environment (a Kubernetes Secret, say) replaces
+    a placeholder left in a shared file.
+    """
+    secret = environ.get(STICKY_SECRET_ENV, "")
+    if not secret:
+        return config
+    clusters = tuple(
+        dataclasses.replace(c, sticky=dataclasses.replace(c.sticky, secret=secret))
+        if c.sticky.enabled
+        else c
+        for c in config.clusters
+    )
+    return dataclasses.replace(config, clusters=clusters)
 
 
 def is_method_name(text: str) -> bool:

@@ -50,6 +50,7 @@ from grpc import aio
 from grpc._cython import cygrpc  # type: ignore[attr-defined]  # see _send
 from opentelemetry.trace import Span
 
+from lbgw.affinity import Affinity
 from lbgw.backends import Backend
 from lbgw.balancer import Balancer
 from lbgw.config import MethodKind, RetryConfig, TracingConfig
@@ -114,6 +115,7 @@ class Cluster:
 
     __slots__ = (
         "active",
+        "affinity",
         "backends",
         "balancer",
         "health",
@@ -131,8 +133,11 @@ class Cluster:
         backends: Sequence[Backend],
         kinds: dict[str, MethodKind],
         retries: RetryConfig,
+        *,
+        affinity: Affinity | None = None,
     ) -> None:
         self.name = balancer.name
+        self.affinity = affinity
         self.balancer = balancer
         self.health = health
         self.backends = tuple(backends)
@@ -148,6 +153,14 @@ class Cluster:
             f"<Cluster {self.name} {self.balancer!r} methods={len(self.kinds)} "
             f"active={self.active} retrying={self.retrying}>"
         )
+
+    def choose(self, context: _Context, method: str, exclude: int = -1) -> int:
+        """Pick for a call (never ``exclude``), through its session affinity if any."""
+        affinity = self.affinity
+        if affinity is None:
+            balancer = self.balancer
+            return balancer.pick() if exclude < 0 else balancer.pick_other(exclude)
+        return affinity.pick(context.invocation_metadata(), context.peer(), method, exclude)
 
     def may_retry(self) -> bool:
         """Whether the retry budget has room for one more retry now."""
@@ -420,12 +433,22 @@ class _Traced:
     whose flags say "not sampled", so its spans are dropped alike.
     """
 
-    __slots__ = ("attempt", "call", "method", "parent", "recording", "target", "telemetry")
+    __slots__ = (
+        "attempt",
+        "call",
+        "context",
+        "method",
+        "parent",
+        "recording",
+        "target",
+        "telemetry",
+    )
 
     def __init__(self, telemetry: Telemetry, target: Target, method: str, context: _Context):
         self.telemetry = telemetry
         self.target = target
         self.method = method
+        self.context = context
         self.parent = telemetry.extract(context.invocation_metadata())
         self.call = telemetry.server_span(method, context.peer(), self.parent)
         self.recording = self.call.is_recording()
@@ -435,15 +458,24 @@ class _Traced:
         """Pick for ``attempt`` (never ``exclude``, for a retry) and open its span."""
         cluster = self.target.cluster
         balancer = cluster.balancer
+        context = self.context
         if not self.recording:
-            i = balancer.pick() if exclude < 0 else balancer.pick_other(exclude)
+            i = cluster.choose(context, self.method, exclude)
             self.attempt = self.call
             return i
         candidates = balancer.candidates()
         skipped = cluster.health.skipped(exclude)
+        affinity = cluster.affinity
+        how: dict[str, str | int] = {}
+        if affinity is not None:
+            how = affinity.explain(
+                context.invocation_metadata(), context.peer(), self.method, exclude
+            )
+            if "ring_position" in how or "pinned" in how:
+                candidates = []  # the key or the token decided, not the scores
         started = time.perf_counter_ns()
         try:
-            i = balancer.pick() if exclude < 0 else balancer.pick_other(exclude)
+            i = cluster.choose(context, self.method, exclude)
         except NoEligibleEndpointError:
             record_decision(
                 self.call,
@@ -466,6 +498,9 @@ class _Traced:
             skipped=skipped,
             pick_ns=took,
             route=self.target.route,
+            hash_key=_str(how.get("hash_key")),
+            ring_position=_int(how.get("ring_position")),
+            fallback=_str(how.get("fallback")) or None,
         )
         self.attempt = span
         return i
@@ -485,6 +520,14 @@ class _Traced:
         end_span(self.call, code, details)
 
 
+def _str(value: str | int | None) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _int(value: str | int | None) -> int | None:
+    return value if isinstance(value, int) else None
+
+
 def _retry_to(
     target: Target,
     i: int,
@@ -493,6 +536,7 @@ def _retry_to(
     context: _Context,
     *,
     traced: _Traced | None,
+    method: str,
 ) -> int:
     """The endpoint for the next attempt after ``i`` failed with ``code``, or -1: no retry."""
     cluster = target.cluster
@@ -505,7 +549,7 @@ def _retry_to(
         return -1
     try:
         if traced is None:
-            j = cluster.balancer.pick_other(i)
+            j = cluster.choose(context, method, i)
         else:
             j = traced.pick(attempt + 1, i, code.name)
     except NoEligibleEndpointError:
@@ -545,11 +589,18 @@ def _unary_response(
     backends = cluster.backends
     clock = time.monotonic_ns
     traced = telemetry.enabled
+    affinity = cluster.affinity
+    sticky = affinity.sticky if affinity is not None else None
 
     async def forward(request: Any, context: _Context) -> bytes | None:
         tr = _Traced(telemetry, target, method, context) if traced else None
         try:
-            i = pick() if tr is None else tr.pick(1, -1, None)
+            if tr is not None:
+                i = tr.pick(1, -1, None)
+            elif affinity is None:
+                i = pick()
+            else:
+                i = affinity.pick(context.invocation_metadata(), context.peer(), method)
         except NoEligibleEndpointError as exc:
             if tr is not None:
                 tr.end(exc.code, str(exc))
@@ -577,6 +628,8 @@ def _unary_response(
                     latency = clock() - start
                     succeeded(i)
                     initial = await call.initial_metadata()
+                    if sticky is not None:
+                        initial = (*(initial or ()), sticky.token(i))
                     if initial:
                         await context.send_initial_metadata(initial)
                     trailing = await call.trailing_metadata()
@@ -592,7 +645,9 @@ def _unary_response(
                     if tr is not None:
                         tr.end_attempt(code, error.details())
                     if not (streaming_request and reading[0]):
-                        retry_to = _retry_to(target, i, code, attempt, context, traced=tr)
+                        retry_to = _retry_to(
+                            target, i, code, attempt, context, traced=tr, method=method
+                        )
                     if retry_to < 0:
                         details = await _relay_error(
                             context, error, cluster, backends[i], initial_sent=False
@@ -636,11 +691,18 @@ def _stream_response(
     backends = cluster.backends
     clock = time.monotonic_ns
     traced = telemetry.enabled
+    affinity = cluster.affinity
+    sticky = affinity.sticky if affinity is not None else None
 
     async def forward(request: Any, context: _Context) -> None:
         tr = _Traced(telemetry, target, method, context) if traced else None
         try:
-            i = pick() if tr is None else tr.pick(1, -1, None)
+            if tr is not None:
+                i = tr.pick(1, -1, None)
+            elif affinity is None:
+                i = pick()
+            else:
+                i = affinity.pick(context.invocation_metadata(), context.peer(), method)
         except NoEligibleEndpointError as exc:
             if tr is not None:
                 tr.end(exc.code, str(exc))
@@ -668,11 +730,17 @@ def _stream_response(
                     initial = await call.initial_metadata()
                     headers = clock()
                     if initial:
+                        if sticky is not None:
+                            initial = (*initial, sticky.token(i))
                         await context.send_initial_metadata(initial)
                         relayed = True
                     async for response in call:
+                        if not relayed and sticky is not None:
+                            await context.send_initial_metadata((sticky.token(i),))
                         relayed = True
                         await context.write(response)
+                    if not relayed and sticky is not None:
+                        await context.send_initial_metadata((sticky.token(i),))
                     trailing = await call.trailing_metadata()
                     if trailing:
                         context.set_trailing_metadata(trailing)
@@ -688,7 +756,9 @@ def _stream_response(
                     if tr is not None:
                         tr.end_attempt(code, error.details())
                     if not relayed and not reading[0]:
-                        retry_to = _retry_to(target, i, code, attempt, context, traced=tr)
+                        retry_to = _retry_to(
+                            target, i, code, attempt, context, traced=tr, method=method
+                        )
                     if retry_to < 0:
                         details = await _relay_error(
                             context, error, cluster, backends[i], initial_sent=relayed

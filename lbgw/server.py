@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from types import TracebackType
 from typing import Any
 
 from grpc import aio
 from grpc_health.v1 import health_pb2_grpc
 
+from lbgw.affinity import Affinity
 from lbgw.backends import Backend, channel_options
 from lbgw.balancer import Balancer
-from lbgw.config import Config, RouteConfig, parse_address
+from lbgw.config import STICKY_SECRET_ENV, ClusterConfig, Config, RouteConfig, parse_address
 from lbgw.endpoints import ClusterHealth
 from lbgw.exceptions import LbgwError
 from lbgw.health import HealthChecker, HealthService
@@ -52,6 +54,23 @@ def server_options(config: Config, *, reuse_port: bool) -> list[tuple[str, Any]]
     if limits.max_concurrent_streams is not None:
         options.append(("grpc.max_concurrent_streams", limits.max_concurrent_streams))
     return options
+
+
+def _sticky_secret(cluster: ClusterConfig) -> bytes:
+    """The secret that signs the cluster's sticky tokens; random if none was given."""
+    if not cluster.sticky.enabled:
+        return b""
+    if cluster.sticky.secret:
+        return cluster.sticky.secret.encode()
+    log.warning(
+        "sticky tokens without a secret",
+        extra=fields(
+            cluster=cluster.name,
+            consequence="a random secret: only this process honours its tokens",
+            fix=f"set clusters.{cluster.name}.sticky.secret or {STICKY_SECRET_ENV}",
+        ),
+    )
+    return secrets.token_bytes(32)
 
 
 class Gateway:
@@ -117,7 +136,12 @@ class Gateway:
                     cc.name, [b.address for b in backends], [b.channel for b in backends]
                 )
             kinds.update(cc.methods)  # the config's word wins over reflection's
-            self.clusters[cc.name] = Cluster(balancer, health, backends, kinds, cc.retries)
+            affinity = None
+            if balancer.hashing is not None or cc.sticky.enabled:
+                affinity = Affinity(cc, balancer, _sticky_secret(cc))
+            self.clusters[cc.name] = Cluster(
+                balancer, health, backends, kinds, cc.retries, affinity=affinity
+            )
 
         server = aio.server(options=server_options(config, reuse_port=self._reuse_port))
         self._server = server

@@ -430,3 +430,32 @@ def test_serve_with_a_bad_otel_variable(
         "lbgw: config error: environment: OTEL_TRACES_SAMPLER: expected one of 'always_on', "
     )
     assert err.endswith(", got 'sometimes'\n")
+
+
+def test_quick_form_hashing() -> None:
+    config = serve_config(
+        ["--backend", "127.0.0.1:1", "--strategy", "ring_hash", "--hash-key", "x-session-id"]
+    )
+    cluster = config.clusters[0]
+    assert (cluster.strategy, cluster.params.hash_on, cluster.params.hash_key) == (
+        "ring_hash",
+        "metadata",
+        "x-session-id",
+    )
+    assert cluster.params.fallback == "swrr"
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--strategy", "maglev"], "a metadata key such as x-session-id with --strategy maglev"),
+        (["--hash-key", "x-s"], "--strategy ring_hash or maglev as well"),
+        (["--strategy", "maglev", "--hash-key", "X-S"], "a metadata key of lower-case letters"),
+    ],
+)
+def test_quick_form_hashing_errors_name_the_flag(
+    argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(["serve", "--backend", "127.0.0.1:1", *argv], capsys)
+    assert code == 2
+    assert err.startswith(f"lbgw: config error: command line: --hash-key: expected {expected}")

@@ -27,10 +27,12 @@ from lbgw.config import (
     RetryConfig,
     RouteConfig,
     SlowStartConfig,
+    StickyConfig,
     StrategyParams,
     config_from_mapping,
     load_config,
     parse_address,
+    sticky_from_env,
 )
 from lbgw.exceptions import ConfigError, LbgwError
 
@@ -300,7 +302,7 @@ BAD: list[tuple[str, str, str, str]] = [
         LISTENER + '[clusters.api]\nendpoint = ["h:1"]\n',
         "clusters.api.endpoint",
         "one of the keys channel_options, endpoints, health_check, methods, outlier_detection, "
-        "panic_threshold, params, reflection, retries, slow_start, strategy",
+        "panic_threshold, params, reflection, retries, slow_start, sticky, strategy",
     ),
     (
         "bad cluster name",
@@ -396,7 +398,8 @@ BAD: list[tuple[str, str, str, str]] = [
         "unknown strategy",
         MINIMAL + 'strategy = "wrr"\n',
         "clusters.api.strategy",
-        "one of 'swrr', 'ewma', 'round_robin', 'random', 'least_request', got 'wrr'",
+        "one of 'swrr', 'ewma', 'round_robin', 'random', 'least_request', 'ring_hash', 'maglev', "
+        "got 'wrr'",
     ),
     (
         "decay on swrr",
@@ -732,6 +735,80 @@ BAD: list[tuple[str, str, str, str]] = [
         "one of 'CANCELLED'",
     ),
     (
+        "maglev without hash_key",
+        LISTENER + '[clusters.api]\nendpoints = ["h:1"]\nstrategy = "maglev"\n',
+        "clusters.api.params.hash_key",
+        'a metadata key such as "x-session-id" (hash_on = "metadata")',
+    ),
+    (
+        "hash_key in upper case",
+        LISTENER
+        + '[clusters.api]\nendpoints = ["h:1"]\nstrategy = "ring_hash"\n'
+        + 'params = { hash_key = "X-Session" }\n',
+        "clusters.api.params.hash_key",
+        'a metadata key such as "x-session-id" (hash_on = "metadata"), got \'X-Session\'',
+    ),
+    (
+        "hash_key with hash_on peer",
+        LISTENER
+        + '[clusters.api]\nendpoints = ["h:1"]\nstrategy = "ring_hash"\n'
+        + 'params = { hash_on = "peer", hash_key = "x" }\n',
+        "clusters.api.params.hash_key",
+        'no hash_key with hash_on = "peer"',
+    ),
+    (
+        "maglev table not prime",
+        LISTENER
+        + '[clusters.api]\nendpoints = ["h:1"]\nstrategy = "maglev"\n'
+        + 'params = { hash_key = "k", table_size = 65536 }\n',
+        "clusters.api.params.table_size",
+        "a prime number, such as 65537, got 65536",
+    ),
+    (
+        "maglev table too large",
+        LISTENER
+        + '[clusters.api]\nendpoints = ["h:1"]\nstrategy = "maglev"\n'
+        + 'params = { hash_key = "k", table_size = 5000101 }\n',
+        "clusters.api.params.table_size",
+        "an integer from 2 to 5000011, got 5000101",
+    ),
+    (
+        "ring sizes the wrong way round",
+        LISTENER
+        + '[clusters.api]\nendpoints = ["h:1"]\nstrategy = "ring_hash"\n'
+        + 'params = { hash_key = "k", min_ring_size = 4096, max_ring_size = 1024 }\n',
+        "clusters.api.params.max_ring_size",
+        "an integer from 4096 to 8388608, got 1024",
+    ),
+    (
+        "hash fallback to a hash",
+        LISTENER
+        + '[clusters.api]\nendpoints = ["h:1"]\nstrategy = "ring_hash"\n'
+        + 'params = { hash_key = "k", fallback = "maglev" }\n',
+        "clusters.api.params.fallback",
+        "one of 'swrr', 'ewma', 'round_robin', 'random', 'least_request', got 'maglev'",
+    ),
+    (
+        "table_size for ring_hash",
+        LISTENER
+        + '[clusters.api]\nendpoints = ["h:1"]\nstrategy = "ring_hash"\n'
+        + 'params = { hash_key = "k", table_size = 7 }\n',
+        "clusters.api.params.table_size",
+        "a parameter of 'ring_hash'",
+    ),
+    (
+        "sticky not a boolean",
+        MINIMAL + '[clusters.api.sticky]\nenabled = "yes"\n',
+        "clusters.api.sticky.enabled",
+        "true or false, got 'yes'",
+    ),
+    (
+        "sticky key ending in -bin",
+        MINIMAL + '[clusters.api.sticky]\nenabled = true\nkey = "pin-bin"\n',
+        "clusters.api.sticky.key",
+        "a metadata key of lower-case letters",
+    ),
+    (
         "two clusters and no routes",
         MINIMAL + WEB,
         "routes",
@@ -870,3 +947,38 @@ def test_max_ejection_time_defaults_to_at_least_the_base(tmp_path: Path) -> None
 def test_an_empty_retry_on_turns_retries_off_for_the_route(tmp_path: Path) -> None:
     text = MINIMAL + '[[routes]]\ndefault = true\ncluster = "api"\nretry_on = []\n'
     assert load_config(write(tmp_path, text)).routes[0].retry_on == ()
+
+
+def test_hashing_and_sticky(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = (
+        LISTENER
+        + '[clusters.api]\nendpoints = ["h:1", "h:2"]\nstrategy = "maglev"\n'
+        + '[clusters.api.params]\nhash_key = "x-session-id"\nfallback = "least_request"\n'
+        + "table_size = 251\nseed = 3\n"
+        + '[clusters.api.sticky]\nenabled = true\nkey = "x-pin"\n'
+    )
+    config = load_config(write(tmp_path, text))
+    cluster = config.cluster("api")
+    params = cluster.params
+    assert (params.hash_on, params.hash_key, params.fallback, params.table_size) == (
+        "metadata",
+        "x-session-id",
+        "least_request",
+        251,
+    )
+    assert cluster.sticky == StickyConfig(enabled=True, key="x-pin", secret="")
+    with_env = sticky_from_env(config, {"LBGW_STICKY_SECRET": "from-env"})
+    assert with_env.cluster("api").sticky.secret == "from-env"
+    assert sticky_from_env(config, {}) is config
+    ring = LISTENER + '[clusters.api]\nendpoints = ["h:1"]\nstrategy = "ring_hash"\n'
+    ring += 'params = { hash_on = "peer" }\n'
+    params = load_config(write(tmp_path, ring)).cluster("api").params
+    assert (params.hash_on, params.min_ring_size, params.max_ring_size) == ("peer", 1024, 8388608)
+
+
+def test_the_environments_sticky_secret_wins_over_the_file(tmp_path: Path) -> None:
+    text = MINIMAL + '[clusters.api.sticky]\nenabled = true\nsecret = "file"\n'
+    config = load_config(write(tmp_path, text))
+    assert config.cluster("api").sticky.secret == "file"
+    env = {"LBGW_STICKY_SECRET": "env"}
+    assert sticky_from_env(config, env).cluster("api").sticky.secret == "env"
