@@ -383,6 +383,21 @@ cdef class SmoothWeightedRoundRobin(_Kernel):
     def scheduler(self):
         return "edf" if self._edf else "swrr"
 
+    def current_weight(self, i):
+        """nginx's current weight of backend ``i`` (the scan's; 0 under the EDF scheduler)."""
+        cdef Py_ssize_t j = self._index(i), lo = 0, hi = self._m, mid
+        if self._edf:
+            return 0
+        if not self._elig[j]:
+            return self._cur[j]
+        while lo < hi:  # the scan keeps it by dense position; _dense is ascending
+            mid = (lo + hi) >> 1
+            if self._dense[mid] < j:
+                lo = mid + 1
+            else:
+                hi = mid
+        return self._dcur[lo]
+
     cdef void _rebuild(self) noexcept:
         cdef Py_ssize_t i, j, h
         cdef int64_t w, u
@@ -689,6 +704,19 @@ cdef class LeastRequest(_SeededKernel):
         _sift(self._heap, m, 0)
         return ia
 
+    def peek_two(self):
+        """The two backends the next pick compares, drawn from a copy of the generator.
+
+        ``(-1, -1)`` when the next pick compares no two: fewer than two in
+        rotation, or unequal weights, where the EDF schedule picks.
+        """
+        cdef uint64_t state = self._rng
+        cdef Py_ssize_t a, b
+        if self._m < 2 or not self._equal:
+            return (-1, -1)
+        _two(&state, self._m, &a, &b)
+        return (self._dense[a], self._dense[b])
+
     def pick(self):
         return self._pick()
 
@@ -826,6 +854,18 @@ cdef class PeakEwma(_SeededKernel):
 
     def pick_p2c(self):
         return self._pick_p2c()
+
+    def peek_two(self):
+        """The two backends the next ``pick_p2c`` compares, drawn from a copy of the generator.
+
+        ``(-1, -1)`` with fewer than two in rotation.
+        """
+        cdef uint64_t state = self._rng
+        cdef Py_ssize_t a, b
+        if self._m < 2:
+            return (-1, -1)
+        _two(&state, self._m, &a, &b)
+        return (self._dense[a], self._dense[b])
 
     def pick_many(self, Py_ssize_t count):
         return _pick_many(self, count)

@@ -51,6 +51,13 @@ class EwmaKernel(SeededKernel, Protocol):
     def pick_p2c(self) -> int: ...
     def pick_p2c_many(self, count: int) -> int: ...
     def cost(self, i: int, /, now_ns: int) -> float: ...
+    def peek_two(self) -> tuple[int, int]: ...
+
+
+class LeastRequestKernel(SeededKernel, Protocol):
+    """Least request: also the two backends its next power-of-two-choices pick compares."""
+
+    def peek_two(self) -> tuple[int, int]: ...
 
 
 class HashKernel(SeededKernel, Protocol):
@@ -81,6 +88,7 @@ class SwrrKernel(Kernel, Protocol):
 
     @property
     def scheduler(self) -> str: ...
+    def current_weight(self, i: int, /) -> int: ...
 
 
 class KernelModule(Protocol):
@@ -107,7 +115,7 @@ class KernelModule(Protocol):
     @property
     def Random(self) -> Callable[..., SeededKernel]: ...  # noqa: N802
     @property
-    def LeastRequest(self) -> Callable[..., SeededKernel]: ...  # noqa: N802
+    def LeastRequest(self) -> Callable[..., LeastRequestKernel]: ...  # noqa: N802
     @property
     def PeakEwma(self) -> Callable[..., EwmaKernel]: ...  # noqa: N802
     @property

@@ -347,6 +347,11 @@ class SmoothWeightedRoundRobin(_Kernel):
     def scheduler(self) -> str:
         return "edf" if self._edf else "swrr"
 
+    def current_weight(self, i: int, /) -> int:
+        """nginx's current weight of backend ``i`` (the scan's; 0 under the EDF scheduler)."""
+        j = _check_index(i, self._n)
+        return self._cur[j] if not self._edf else 0
+
     def _rebuild(self) -> None:
         super()._rebuild()
         self._total = sum(self._w[i] for i in self._dense)
@@ -602,6 +607,18 @@ class LeastRequest(_SeededKernel):
         heapq.heapreplace(self._heap, self._entry(i))
         return i
 
+    def peek_two(self) -> tuple[int, int]:
+        """The two backends the next pick compares, drawn from a copy of the generator.
+
+        ``(-1, -1)`` when the next pick compares no two: fewer than two in
+        rotation, or unequal weights, where the EDF schedule picks.
+        """
+        m = len(self._dense)
+        if m < 2 or not self._equal:
+            return -1, -1
+        a, b = _Rng(self._rng.state).two(m)
+        return self._dense[a], self._dense[b]
+
 
 class PeakEwma(_SeededKernel):
     """Peak EWMA, the "least response time" strategy (Finagle, tower, Linkerd).
@@ -731,6 +748,17 @@ class PeakEwma(_SeededKernel):
         ia = dense[a]
         ib = dense[b]
         return ib if self._key(ib) < self._key(ia) else ia
+
+    def peek_two(self) -> tuple[int, int]:
+        """The two backends the next ``pick_p2c`` compares, drawn from a copy of the generator.
+
+        ``(-1, -1)`` with fewer than two in rotation.
+        """
+        m = len(self._dense)
+        if m < 2:
+            return -1, -1
+        a, b = _Rng(self._rng.state).two(m)
+        return self._dense[a], self._dense[b]
 
     def pick_p2c_many(self, count: int) -> int:
         total = 0

@@ -739,3 +739,50 @@ def test_bookkeeping_reads_back(impl: Impl, kernel: str) -> None:
     k.started(2)
     name = FACTORIES[kernel](impl, [1]).name
     assert repr(k) == f"<{type(k).__name__} {name} n=3 in-rotation=1 in-flight=3>"
+
+
+# -- what traces read: the draws a P2C pick is about to compare, SWRR's current weights --
+
+
+def test_least_request_peek_two_names_the_pair_the_next_pick_compares(impl: Impl) -> None:
+    k = impl.LeastRequest([1] * 6, seed=11)
+    k.started(2)
+    k.started(2)
+    for _ in range(200):
+        a, b = k.peek_two()
+        assert a != b and {a, b} <= set(range(6))
+        assert k.peek_two() == (a, b)  # peeking draws nothing
+        expected = b if k.in_flight(b) < k.in_flight(a) else a
+        assert k.pick() == expected
+    k.set_weight(0, 3)  # unequal weights: the EDF schedule picks, no pair
+    assert k.peek_two() == (-1, -1)
+    lone = impl.LeastRequest([1], seed=1)
+    assert lone.peek_two() == (-1, -1)
+
+
+def test_ewma_peek_two_names_the_pair_the_next_p2c_pick_compares(impl: Impl) -> None:
+    k = impl.PeakEwma(5, seed=4)
+    k.observe(1, 50_000_000, 1_000_000_000)
+    k.observe(3, 1_000_000, 1_000_000_000)
+    for _ in range(200):
+        a, b = k.peek_two()
+        assert a != b
+        i = k.pick_p2c()
+        assert i in (a, b)
+    k.set_eligible(0, False)
+    k.set_eligible(1, False)
+    k.set_eligible(2, False)
+    k.set_eligible(3, False)
+    assert k.peek_two() == (-1, -1)
+
+
+def test_swrr_current_weight_is_nginx_current_weight(impl: Impl) -> None:
+    k = impl.SmoothWeightedRoundRobin([5, 1, 1])
+    assert [k.current_weight(i) for i in range(3)] == [0, 0, 0]
+    assert k.pick() == 0  # currents become 5, 1, 1; 0 wins and loses the total, 7
+    assert [k.current_weight(i) for i in range(3)] == [-2, 1, 1]
+    assert k.pick() == 0  # 3, 2, 2 -> 0 wins: -4, 2, 2
+    assert [k.current_weight(i) for i in range(3)] == [-4, 2, 2]
+    edf = impl.SmoothWeightedRoundRobin([5, 1, 1], edf_threshold=2)
+    edf.pick()
+    assert [edf.current_weight(i) for i in range(3)] == [0, 0, 0]
