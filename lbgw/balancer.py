@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from lbgw._typing import HashKernel, Kernel
 from lbgw.config import HASH_STRATEGIES, ClusterConfig
@@ -224,28 +224,41 @@ class Balancer:
         return self._shares[i]
 
     def candidates(self, limit: int = MAX_TRACED_CANDIDATES) -> list[tuple[str, dict[str, float]]]:
-        """The endpoints in rotation and the figures the strategy picks by, for traces.
+        """The endpoints the next pick compares, with the figures it compares, for traces.
 
-        Called before a pick, so the figures are the ones the pick sees:
-        every strategy gives ``weight`` (as slow start has it now) and
-        ``in_flight``; ``ewma`` adds ``cost`` (its Peak EWMA latency estimate
-        times in-flight calls, in milliseconds). At most ``limit`` endpoints,
-        in index order. Only sampled calls pay for this.
+        Called just before the pick, so the figures are the ones it sees. A
+        power-of-two-choices pick (``least_request`` with equal weights,
+        ``ewma`` with ``choice = "p2c"``) compares two endpoints: those two,
+        read from a copy of its random generator. Other picks consider every
+        endpoint in rotation: at most ``limit`` of them, in index order.
+        Every candidate has ``weight`` (as slow start has it now) and
+        ``in_flight``; ``swrr`` adds nginx's ``current_weight``, ``ewma`` its
+        ``cost`` (the Peak EWMA latency estimate x (in-flight + 1) / weight,
+        in ms). Only sampled calls pay for this.
         """
         kernel = self.kernel
-        ewma = self.fallback == "ewma"
+        strategy = self.fallback
+        indices: Iterable[int] = range(len(self.addresses))
+        peek = getattr(kernel, "peek_two", None)
+        if peek is not None and not (strategy == "ewma" and self._pick != kernel.pick_p2c):  # type: ignore[attr-defined]
+            a, b = peek()
+            if a >= 0:
+                indices = (a, b)
         now = time.monotonic_ns()
+        scale = self._scale
         out: list[tuple[str, dict[str, float]]] = []
-        for i, address in enumerate(self.addresses):
+        for i in indices:
             if not kernel.is_eligible(i):
                 continue
             scores: dict[str, float] = {
                 "weight": round(self.weights[i] * self._shares[i], 3),
                 "in_flight": kernel.in_flight(i),
             }
-            if ewma:
+            if strategy == "swrr":
+                scores["current_weight"] = kernel.current_weight(i) / scale  # type: ignore[attr-defined]
+            elif strategy == "ewma":
                 scores["cost"] = round(kernel.cost(i, now) / 1e6, 3)  # type: ignore[attr-defined]
-            out.append((address, scores))
+            out.append((self.addresses[i], scores))
             if len(out) == limit:
                 break
         return out
