@@ -34,6 +34,7 @@ from lbgw.config import (
     Config,
     ListenerConfig,
     MethodKind,
+    TracingConfig,
     config_from_mapping,
     is_metadata_key,
     is_method_name,
@@ -420,7 +421,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.command == "demo":
             configure("info", "text")
-            return asyncio.run(demo.run_demo(args.listen, args.calls, once=args.once))
+            # The OTEL_* variables trace the demo too, e.g. into a local Jaeger.
+            tracing = tracing_from_env(TracingConfig(), os.environ)
+            return asyncio.run(
+                demo.run_demo(args.listen, args.calls, once=args.once, tracing=tracing)
+            )
         return asyncio.run(demo.call(args.address, args.count, args.message, args.timeout))
     except ConfigError as exc:
         print(f"lbgw: config error: {exc}", file=sys.stderr)

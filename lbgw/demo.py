@@ -10,11 +10,12 @@ keeps serving until Ctrl-C, so ``lbgw call`` (or any gRPC client with
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 
 from grpc import aio
 
-from lbgw.config import config_from_mapping
+from lbgw.config import TracingConfig, config_from_mapping
 from lbgw.health import HealthService
 from lbgw.pb import echo_pb2, echo_pb2_grpc
 from lbgw.server import Gateway
@@ -39,7 +40,9 @@ async def call(address: str, count: int, message: str, timeout: float) -> int:
     return 0
 
 
-async def run_demo(listen: str, calls: int, *, once: bool) -> int:
+async def run_demo(
+    listen: str, calls: int, *, once: bool, tracing: TracingConfig | None = None
+) -> int:
     # Ctrl-C or SIGTERM stops the demo at any point, start-up included.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -63,6 +66,8 @@ async def run_demo(listen: str, calls: int, *, once: bool) -> int:
             },
             source="lbgw demo",
         )
+        if tracing is not None:
+            config = dataclasses.replace(config, tracing=tracing)
         async with Gateway(config) as gateway:
             address = gateway.addresses[0]
             print(f"lbgw demo: gateway on {address}, backends {a} (weight 1) and {b} (weight 3)")
