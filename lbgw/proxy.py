@@ -568,6 +568,21 @@ def _retry_to(
     return j
 
 
+def _ended(
+    cluster: Cluster,
+    attempts: int,
+    traced: _Traced | None,
+    code: grpc.StatusCode,
+    details: str | None,
+) -> None:
+    """The call is over: release its places in the retry budget, end its spans."""
+    cluster.active -= 1
+    if attempts > 1:
+        cluster.retrying -= 1
+    if traced is not None:
+        traced.end(code, details)
+
+
 _CANCELLED: Final = grpc.StatusCode.CANCELLED
 _OK: Final = grpc.StatusCode.OK
 _GONE: Final = "cancelled by the client, or its deadline passed"
@@ -661,11 +676,7 @@ def _unary_response(
                 attempt += 1
                 i = retry_to
         finally:
-            cluster.active -= 1
-            if attempt > 1:
-                cluster.retrying -= 1
-            if tr is not None:
-                tr.end(code, details)
+            _ended(cluster, attempt, tr, code, details)
 
     return forward
 
@@ -772,10 +783,6 @@ def _stream_response(
                 attempt += 1
                 i = retry_to
         finally:
-            cluster.active -= 1
-            if attempt > 1:
-                cluster.retrying -= 1
-            if tr is not None:
-                tr.end(code, details)
+            _ended(cluster, attempt, tr, code, details)
 
     return forward
