@@ -223,7 +223,9 @@ class Balancer:
     def share(self, i: int) -> float:
         return self._shares[i]
 
-    def candidates(self, limit: int = MAX_TRACED_CANDIDATES) -> list[tuple[str, dict[str, float]]]:
+    def candidates(
+        self, *, exclude: int = -1, limit: int = MAX_TRACED_CANDIDATES
+    ) -> list[tuple[str, dict[str, float]]]:
         """The endpoints the next pick compares, with the figures it compares, for traces.
 
         Called just before the pick, so the figures are the ones it sees. A
@@ -234,9 +236,17 @@ class Balancer:
         Every candidate has ``weight`` (as slow start has it now) and
         ``in_flight``; ``swrr`` adds nginx's ``current_weight``, ``ewma`` its
         ``cost`` (the Peak EWMA latency estimate x (in-flight + 1) / weight,
-        in ms). Only sampled calls pay for this.
+        in ms). For a retry,
+        ``exclude`` is out of rotation meanwhile, as it is for ``pick_other``.
+        Only sampled calls pay for this.
         """
         kernel = self.kernel
+        if exclude >= 0 and kernel.is_eligible(exclude):
+            kernel.set_eligible(exclude, False)
+            try:
+                return self.candidates(limit=limit)
+            finally:
+                kernel.set_eligible(exclude, True)
         strategy = self.fallback
         indices: Iterable[int] = range(len(self.addresses))
         peek = getattr(kernel, "peek_two", None)

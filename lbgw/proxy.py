@@ -63,7 +63,13 @@ from lbgw.exceptions import (
 )
 from lbgw.logs import fields
 from lbgw.routing import Router
-from lbgw.telemetry import Telemetry, end_span, record_decision, with_span
+from lbgw.telemetry import (
+    Telemetry,
+    decision_attributes,
+    end_span,
+    record_decision,
+    with_span,
+)
 
 __all__ = ["Cluster", "Proxy", "Target", "forwarded_metadata"]
 
@@ -463,34 +469,33 @@ class _Traced:
             i = cluster.choose(context, self.method, exclude)
             self.attempt = self.call
             return i
-        candidates = balancer.candidates()
-        skipped = cluster.health.skipped(exclude)
-        affinity = cluster.affinity
         how: dict[str, str | int] = {}
+        affinity = cluster.affinity
         if affinity is not None:
             how = affinity.explain(
                 context.invocation_metadata(), context.peer(), self.method, exclude
             )
-            if "ring_position" in how or "pinned" in how:
-                candidates = []  # the key or the token decided, not the scores
+        # The key or the token decides, not the scores; else what the pick compares.
+        decided = "ring_position" in how or "pinned" in how
+        candidates = [] if decided else balancer.candidates(exclude=exclude)
+        skipped = cluster.health.skipped(exclude)
         started = time.perf_counter_ns()
         try:
             i = cluster.choose(context, self.method, exclude)
         except NoEligibleEndpointError:
-            record_decision(
-                self.call,
-                cluster.name,
-                balancer.strategy,
-                None,
-                skipped=skipped,
-                route=self.target.route,
-            )
+            if exclude < 0:  # the call is rejected: its server span says why
+                record_decision(
+                    self.call,
+                    cluster.name,
+                    balancer.strategy,
+                    None,
+                    skipped=skipped,
+                    route=self.target.route,
+                )
             raise
         took = time.perf_counter_ns() - started
         address = cluster.backends[i].address
-        span = self.telemetry.attempt_span(self.call, self.method, address, attempt, reason)
-        record_decision(
-            span,
+        decision = decision_attributes(
             cluster.name,
             balancer.strategy,
             address,
@@ -502,7 +507,9 @@ class _Traced:
             ring_position=_int(how.get("ring_position")),
             fallback=_str(how.get("fallback")) or None,
         )
-        self.attempt = span
+        self.attempt = self.telemetry.attempt_span(
+            self.call, self.method, address, attempt, reason, decision=decision
+        )
         return i
 
     def metadata(self, metadata: _Forwarded) -> _Forwarded:
