@@ -105,7 +105,6 @@ async def test_spans_arrive_over_otlp_grpc_with_their_links_and_attributes() -> 
         "lb.strategy": "ewma",
         "lb.endpoint": "127.0.0.1:50061",
         "lb.pick_duration_ns": 420,
-        "lb.candidates": ["127.0.0.1:50061", "127.0.0.1:50062"],
         "lb.candidate_scores": (
             '{"127.0.0.1:50061":{"ewma_ms":1.5},"127.0.0.1:50062":{"ewma_ms":9}}'
         ),

@@ -212,7 +212,6 @@ def test_record_decision_sets_every_lb_attribute(
         "lb.strategy": "ewma",
         "lb.endpoint": "10.0.0.11:50051",
         "lb.route": "service users.v1.Users",
-        "lb.candidates": ("10.0.0.11:50051", "10.0.0.12:50051"),
         "lb.skipped": ("10.0.0.13:50051", "10.0.0.14:50051"),
         "lb.skipped_reasons": ("ejected", "draining"),
         "lb.pick_duration_ns": 850,
