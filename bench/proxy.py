@@ -12,6 +12,16 @@ echo backend (``bench/backend.py``) and, in front of it, every proxy it finds:
 * ``lbgw-w2``: the same with ``--workers 2``;
 * ``lbgw-stream``: one worker without the method-kind table, so every call
   takes lbgw's ``stream_stream`` fallback: what the unary fast path saves;
+* ``lbgw-trace-1pct`` and ``lbgw-trace-all``: ``lbgw`` with tracing on,
+  sampling 1% (``parentbased_traceidratio``) or every call
+  (``parentbased_always_on``) and exporting over OTLP/gRPC to
+  ``bench/otlp_sink.py``, a receiver in a process of its own on loopback
+  (one per configuration; the note under the table says how many spans it
+  got). The load sends no traceparent, so lbgw starts every trace and its
+  sampler alone decides. Unary calls only: tracing costs per call, not per
+  streamed message. The plain ``lbgw`` row is the "tracing off" they are
+  compared with (every lbgw row runs with the caller's ``OTEL_*`` variables
+  removed, so only these two trace);
 * ``nginx``: ``grpc_pass`` with one worker and upstream keepalive, when
   ``nginx`` is on PATH.
 
@@ -53,7 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -63,14 +73,30 @@ from procs import Proc, free_port, stopping
 
 HERE = Path(__file__).resolve().parent
 
-CONFIGS = ("direct", "floor", "lbgw", "lbgw-w2", "lbgw-stream", "nginx")
+CONFIGS = (
+    "direct",
+    "floor",
+    "lbgw",
+    "lbgw-w2",
+    "lbgw-stream",
+    "lbgw-trace-1pct",
+    "lbgw-trace-all",
+    "nginx",
+)
 LABELS = {
     "direct": "direct (no proxy)",
     "floor": "floor (passthrough.py)",
     "lbgw": "lbgw",
     "lbgw-w2": "lbgw --workers 2",
     "lbgw-stream": "lbgw, kinds unknown",
+    "lbgw-trace-1pct": "lbgw, traced 1% (OTLP)",
+    "lbgw-trace-all": "lbgw, traced 100% (OTLP)",
     "nginx": "nginx grpc_pass",
+}
+#: The sampler of each traced configuration: OTEL_TRACES_SAMPLER and its argument.
+TRACED = {
+    "lbgw-trace-1pct": ("parentbased_traceidratio", "0.01"),
+    "lbgw-trace-all": ("parentbased_always_on", ""),
 }
 
 DEFAULT_RUNS = 3
@@ -202,9 +228,17 @@ def _lbgw_help(binary: str) -> str | None:
 
 
 def _lbgw_argv(
-    binary: str, help_text: str, port: int, backend: str, workers: int, *, kinds: bool = True
+    binary: str,
+    help_text: str,
+    port: int,
+    backend: str,
+    workers: int,
+    *,
+    kinds: bool = True,
+    env: Mapping[str, str] | None = None,
 ) -> list[str]:
-    argv = [binary, "serve", "--listen", f"127.0.0.1:{port}", "--backend", backend]
+    argv = [*_env_prefix(env or {}), binary, "serve", "--listen", f"127.0.0.1:{port}"]
+    argv += ["--backend", backend]
     argv += ["--strategy", "swrr", "--log-level", "warning"]
     # The method-kind table gives lbgw its unary fast path (MethodKind values in lbgw.config).
     if kinds and "--method" in help_text:
@@ -212,6 +246,49 @@ def _lbgw_argv(
     if workers > 1:
         argv += ["--workers", str(workers)]
     return argv
+
+
+def _env_prefix(env: Mapping[str, str]) -> list[str]:
+    """``env -u OTEL_... NAME=VALUE ...``: lbgw's environment, minus the caller's OTEL_* variables.
+
+    ``env`` execs the program, so the PID the benchmark watches is lbgw's. No
+    prefix at all when there is nothing to change.
+    """
+    unset = sorted(k for k in os.environ if k.startswith("OTEL_") and k not in env)
+    if not unset and not env:
+        return []
+    return [
+        shutil.which("env") or "/usr/bin/env",
+        *(f"--unset={k}" for k in unset),
+        *(f"{k}={v}" for k, v in env.items()),
+    ]
+
+
+def _tracing_env(config: str, sink: str) -> dict[str, str]:
+    """The OTEL_* variables of a traced configuration: its sampler, the sink as collector."""
+    sampler, arg = TRACED[config]
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{sink}",
+        "OTEL_SERVICE_NAME": "lbgw-bench",
+        "OTEL_TRACES_SAMPLER": sampler,
+    }
+    if arg:
+        env["OTEL_TRACES_SAMPLER_ARG"] = arg
+    return env
+
+
+def _start_sink(workdir: Path, config: str) -> Proc:
+    """``bench/otlp_sink.py``: its first line is its address, then ``requests spans`` lines."""
+    return Proc(f"otlp-sink-{config}", [*_python(), str(HERE / "otlp_sink.py")], workdir)
+
+
+def _sink_note(sink: Proc, row: _Row) -> str:
+    """How many spans the sink got, and per measured call (warm-ups and probes send too)."""
+    lines = sink.out_path.read_text(encoding="utf-8", errors="replace").split()
+    spans = int(lines[-1]) if len(lines) >= 3 else 0
+    calls = sum(s.calls for s in row.unary if s.ok)
+    per = f" ({spans / calls:.3f} per measured call)" if calls else ""
+    return f"the OTLP sink received {spans:,} spans{per}"
 
 
 _NGINX_CONF = (
@@ -366,6 +443,20 @@ _RATIOS = (
         ("lbgw-stream", "cpu_us_per_call"),
         ("lbgw", "cpu_us_per_call"),
         "for reading: what the fast path saves",
+    ),
+    (
+        "lbgw_trace_1pct_cpu_per_call_vs_off",
+        "lbgw CPU per unary call, traced 1% / tracing off",
+        ("lbgw-trace-1pct", "cpu_us_per_call"),
+        ("lbgw", "cpu_us_per_call"),
+        "target <= 1.05x",
+    ),
+    (
+        "lbgw_trace_all_cpu_per_call_vs_off",
+        "lbgw CPU per unary call, traced 100% / tracing off",
+        ("lbgw-trace-all", "cpu_us_per_call"),
+        ("lbgw", "cpu_us_per_call"),
+        "target <= 1.5x",
     ),
     (
         "lbgw_cpu_per_call_vs_nginx",
@@ -538,9 +629,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _start_targets(
-    args: argparse.Namespace, workdir: Path, procs: list[Proc], backend: str
+    args: argparse.Namespace,
+    workdir: Path,
+    procs: list[Proc],
+    backend: str,
+    sinks: dict[str, Proc],
 ) -> tuple[list[Target], list[_Row]]:
-    """Start every configuration asked for and found; rows note those left out and why."""
+    """Start every configuration asked for and found; rows note those left out and why.
+
+    ``sinks`` gets the OTLP sink of each traced configuration.
+    """
     targets: list[Target] = []
     skipped: list[_Row] = []
     for config in args.configs:
@@ -555,18 +653,30 @@ def _start_targets(
                 skipped.append(_Row(config, note=f"did not start: {exc}", failed=True))
                 continue
             targets.append(Target(config, f"127.0.0.1:{port}", proc, streams=False))
-        elif config in ("lbgw", "lbgw-w2", "lbgw-stream"):
+        elif config.startswith("lbgw"):
             binary = _lbgw_binary(args.lbgw)
             help_text = _lbgw_help(binary) if binary else None
             if binary is None or help_text is None:
                 skipped.append(_Row(config, note="`lbgw serve --help` does not run: not measured"))
                 continue
+            env: dict[str, str] = {}
+            if config in TRACED:
+                sink = _start_sink(workdir, config)
+                procs.append(sink)
+                try:
+                    sink_address = sink.first_line(START_TIMEOUT)
+                except RuntimeError as exc:
+                    skipped.append(_Row(config, note=f"OTLP sink: {exc}", failed=True))
+                    continue
+                sinks[config] = sink
+                env = _tracing_env(config, sink_address)
             port = free_port()
             workers = 2 if config == "lbgw-w2" else 1
             kinds = config != "lbgw-stream"
-            argv = _lbgw_argv(binary, help_text, port, backend, workers, kinds=kinds)
+            argv = _lbgw_argv(binary, help_text, port, backend, workers, kinds=kinds, env=env)
             procs.append(Proc(config, argv, workdir))
-            targets.append(Target(config, f"127.0.0.1:{port}", procs[-1]))
+            streams = config not in TRACED
+            targets.append(Target(config, f"127.0.0.1:{port}", procs[-1], streams=streams))
         elif config == "nginx":
             binary = args.nginx or shutil.which("nginx")
             if binary is None:
@@ -608,7 +718,8 @@ def _measure(args: argparse.Namespace, h2load: str | None) -> list[_Row]:
         backend_proc, backend = _start_backend(workdir, args)
         procs.append(backend_proc)
         driver = Driver(load, workdir, backend_proc, h2load)
-        targets, skipped = _start_targets(args, workdir, procs, backend)
+        sinks: dict[str, Proc] = {}
+        targets, skipped = _start_targets(args, workdir, procs, backend, sinks)
         rows = {t.config: _Row(t.config, note=t.note) for t in targets}
         windows = args.runs * sum(1 + t.streams for t in targets)
         _progress(
@@ -623,6 +734,11 @@ def _measure(args: argparse.Namespace, h2load: str | None) -> list[_Row]:
                     sample = driver.measure(target, kind)
                     (row.unary if kind == "unary" else row.stream).append(sample)
                     _progress(f"  run {r + 1}/{args.runs} {target.config:<8} {kind:<6} {sample}")
+        for config, sink in sinks.items():
+            if config in rows:
+                row = rows[config]
+                notes = (row.note, "unary only", _sink_note(sink, row))
+                row.note = "; ".join(x for x in notes if x)
     return [rows.get(c) or next(r for r in skipped if r.config == c) for c in args.configs]
 
 
