@@ -19,8 +19,9 @@ that is not in it raises ``IllegalTransitionError``)::
 
 Thresholds: ``unhealthy_threshold`` failed checks take a SERVING endpoint
 out, ``healthy_threshold`` passed checks bring a NOT_SERVING one back; an
-explicit ``NOT_SERVING`` answer takes it out at once, and the first result
-after start-up decides at once (Envoy does the same for new hosts).
+explicit ``NOT_SERVING`` answer takes it out at once, a ``Watch`` stream's
+``SERVING`` (sent once, on the change) brings it back at once, and the first
+result after start-up decides at once (Envoy does the same for new hosts).
 
 Passive ejection follows Envoy's outlier detection: ``consecutive_failures``
 calls in a row ending with one of ``failure_codes`` eject the endpoint for
@@ -209,14 +210,21 @@ class ClusterHealth:
 
     # -- active checks -----------------------------------------------------
 
-    def check_passed(self, i: int, reason: str = "check passed") -> None:
+    def check_passed(self, i: int, reason: str = "check passed", *, explicit: bool = False) -> None:
+        """A passed check; ``explicit`` when a ``Watch`` stream said SERVING.
+
+        A ``Watch`` sends a status only when it changes, so there is no run
+        of passes to count: its SERVING brings the endpoint back at once.
+        """
         e = self._endpoints[i]
         e.failed_checks = 0
         e.passed_checks += 1
         if e.state is State.DRAINING:
             return
-        if e.state in (State.UNKNOWN, State.EJECTED) or (
-            e.state is State.NOT_SERVING and e.passed_checks >= self._check.healthy_threshold
+        if (
+            explicit
+            or e.state in (State.UNKNOWN, State.EJECTED)
+            or (e.state is State.NOT_SERVING and e.passed_checks >= self._check.healthy_threshold)
         ):
             self._apply(e, Event.HEALTHY, reason)
 

@@ -58,6 +58,7 @@ SERVICE_NAME: Final = "grpc.health.v1.Health"
 _SERVING: Final = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING: Final = health_pb2.HealthCheckResponse.NOT_SERVING
 _SERVICE_UNKNOWN: Final = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+_END: Final = -1  # in a Watch's queue: end the stream
 
 
 class HealthChecker:
@@ -135,9 +136,9 @@ class HealthChecker:
         else:
             self.health.check_failed(i, "no health service (UNIMPLEMENTED)")
 
-    def _status(self, i: int, status: int) -> None:
+    def _status(self, i: int, status: int, *, watched: bool = False) -> None:
         if status == _SERVING:
-            self.health.check_passed(i, "SERVING")
+            self.health.check_passed(i, "SERVING", explicit=watched)
         else:
             name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
             self.health.check_failed(i, name, explicit=True)
@@ -174,7 +175,7 @@ class HealthChecker:
         call = stub.Watch(self._request())
         try:
             async for response in _responses(call):
-                self._status(i, response.status)
+                self._status(i, response.status, watched=True)
         except aio.AioRpcError as error:
             code = error.code()
             if code is grpc.StatusCode.UNIMPLEMENTED:
@@ -242,6 +243,12 @@ class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # no
             self.set(service, False)
         self._draining = True
 
+    def end_watches(self) -> None:
+        """End every ``Watch`` stream (with OK), as the server is about to close."""
+        for watchers in self._watchers.values():
+            for queue in watchers:
+                queue.put_nowait(_END)
+
     def track(self, health: ClusterHealth) -> None:
         """Keep ``health.name``'s status in step with its rotation."""
         self.set(health.name, health.serving)
@@ -267,6 +274,8 @@ class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # no
             yield health_pb2.HealthCheckResponse(status=last)
             while True:
                 status = await queue.get()
+                if status == _END:
+                    return
                 if status != last:
                     last = status
                     yield health_pb2.HealthCheckResponse(status=status)

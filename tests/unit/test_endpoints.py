@@ -132,6 +132,13 @@ def test_thresholds_out_and_back() -> None:
     assert health.state(0) is S.SERVING
 
 
+def test_a_watched_serving_brings_it_back_at_once() -> None:
+    health, _ = _health(2, health_check={"healthy_threshold": 3})
+    health.check_failed(0, "NOT_SERVING", explicit=True)
+    health.check_passed(0, "SERVING", explicit=True)  # a Watch says it once, on the change
+    assert health.state(0) is S.SERVING
+
+
 def test_an_explicit_not_serving_takes_it_out_at_once() -> None:
     health, _ = _health(2)
     health.check_passed(0)
