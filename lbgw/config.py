@@ -7,7 +7,7 @@ README for a complete commented example.
 
 Layout::
 
-    [server]      grace_period, workers
+    [server]      grace_period, drain_delay, workers
     [[listeners]] address
     [limits]      max_receive_message_bytes, max_send_message_bytes, max_concurrent_streams
     [log]         level, format
@@ -376,6 +376,10 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
     grace_period: float = 10.0  # seconds that in-flight calls get on SIGTERM
+    #: Seconds between lbgw's health turning NOT_SERVING and its listeners
+    #: closing, within the grace period: time for polling health checkers
+    #: to see it. 0 closes them at once (as NGINX and HAProxy stop listening).
+    drain_delay: float = 0.0
     workers: int = 1
     source: str = "<config>"
 
@@ -555,8 +559,13 @@ class _Reader:
             "",
             frozenset({"server", "listeners", "limits", "log", "clusters", "routes", "tracing"}),
         )
-        server = self.table(top.get("server", {}), "server", frozenset({"grace_period", "workers"}))
+        server = self.table(
+            top.get("server", {}), "server", frozenset({"grace_period", "drain_delay", "workers"})
+        )
         grace = self.number(server.get("grace_period", 10.0), "server.grace_period", positive=False)
+        drain_delay = self.number(
+            server.get("drain_delay", 0.0), "server.drain_delay", positive=False
+        )
         workers = self.integer(server.get("workers", 1), "server.workers", 1, 256)
 
         listeners_data = top.get("listeners")
@@ -594,6 +603,7 @@ class _Reader:
             log=log_config,
             tracing=tracing,
             grace_period=grace,
+            drain_delay=drain_delay,
             workers=workers,
             source=self.source,
         )

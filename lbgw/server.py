@@ -186,12 +186,23 @@ class Gateway:
         """Stop accepting calls; in-flight calls get ``grace`` seconds, then are cancelled.
 
         lbgw's own health turns NOT_SERVING first, so that an orchestrator
-        watching it stops sending before the listeners close.
+        watching it stops sending before the listeners close: ``Watch``
+        streams hear it at once; ``Check`` polls during ``drain_delay``
+        (taken from the grace period), while lbgw still serves every call.
+        Then the ``Watch`` streams end, so they do not hold the drain open,
+        and the listeners close.
         """
         self.health.drain()
         server, self._server = self._server, None
         if server is not None:
-            await server.stop(grace)
+            delay = self.config.drain_delay
+            if grace is not None:
+                delay = min(delay, grace)
+            if delay > 0:
+                log.info("draining", extra=fields(drain_delay=delay, grace=grace))
+                await asyncio.sleep(delay)
+            self.health.end_watches()
+            await server.stop(None if grace is None else grace - delay)
         checkers, self._checkers = self._checkers, []
         for checker in checkers:
             await checker.stop()

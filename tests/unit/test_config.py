@@ -295,7 +295,7 @@ BAD: list[tuple[str, str, str, str]] = [
         "unknown server key",
         MINIMAL + "[server]\ngrace = 1\n",
         "server.grace",
-        "one of the keys grace_period, workers",
+        "one of the keys drain_delay, grace_period, workers",
     ),
     (
         "unknown cluster key",
