@@ -28,7 +28,10 @@ calls in a row ending with one of ``failure_codes`` eject the endpoint for
 ``base_ejection_time`` x its ejection count, at most ``max_ejection_time``.
 An endpoint that stayed in for ``max_ejection_time`` since its last ejection
 starts counting again from one. At most ``max_ejection_percent`` of the
-cluster is ejected at once, but always at least one endpoint may be.
+cluster is ejected at once, but always at least one endpoint may be (as in
+Envoy, where 0% also ejects one); never the last endpoint in rotation,
+which would leave the cluster serving nobody (Envoy's default 50% panic
+threshold covers that case there; lbgw's panic threshold is off by default).
 
 Slow start is Envoy's: an endpoint that comes back into rotation (from
 NOT_SERVING or EJECTED) gets ``weight x max(min_weight_percent/100,
@@ -143,6 +146,7 @@ class _Endpoint:
         "index",
         "passed_checks",
         "ramp_from",
+        "refusal_logged",
         "reinstated_at",
         "state",
         "timer",
@@ -158,6 +162,7 @@ class _Endpoint:
         self.ejected_at = -math.inf
         self.reinstated_at = -math.inf
         self.ramp_from: float | None = None  # slow start: when it came back
+        self.refusal_logged = False  # "ejection refused" said since it last succeeded
         self.timer: Timer | None = None  # the end of its ejection
 
 
@@ -188,6 +193,7 @@ class ClusterHealth:
         self._listeners: list[Callable[[ClusterHealth], None]] = []
         self.panic = False
         self.serving = True  # whether any endpoint is in rotation
+        self._draining = False
 
     def __repr__(self) -> str:
         counts: dict[str, int] = {}
@@ -254,34 +260,43 @@ class ClusterHealth:
         """A call on ``i`` ended without a failure code."""
         if self._failures[i]:
             self._failures[i] = 0
+            self._endpoints[i].refusal_logged = False
 
     def failed(self, i: int, code: grpc.StatusCode) -> None:
         """A call on ``i`` ended with ``code``; consecutive failures eject it."""
         if code not in self._failure_codes:
-            self._failures[i] = 0
+            self.succeeded(i)
             return
         self._failures[i] += 1
         limit = self._outlier.consecutive_failures
         if limit and self._failures[i] >= limit:
-            self._failures[i] = 0
-            self._eject(self._endpoints[i], f"{limit} consecutive {code.name}")
+            e = self._endpoints[i]
+            self._eject(e, f"{limit} consecutive {code.name}")
+            if e.state is State.EJECTED:
+                self._failures[i] = 0  # else the streak goes on, and is said once
 
     def _eject(self, e: _Endpoint, reason: str) -> None:
         if e.state not in ELIGIBLE:
             return  # already out (calls that started before it left are still ending)
         ejected = sum(x.state is State.EJECTED for x in self._endpoints)
         cap = max(1, math.floor(len(self._endpoints) * self._outlier.max_ejection_percent / 100))
-        if ejected >= cap:
-            log.warning(
-                "ejection refused",
-                extra=fields(
-                    cluster=self.name,
-                    endpoint=e.address,
-                    reason=reason,
-                    ejected=ejected,
-                    max_ejection_percent=self._outlier.max_ejection_percent,
-                ),
-            )
+        others = sum(x.state in ELIGIBLE for x in self._endpoints if x is not e)
+        if ejected >= cap or not others:
+            # Refused: over the cap, or it is the last endpoint in rotation, and an
+            # empty cluster serves nobody. Said once per endpoint until it recovers.
+            if not e.refusal_logged:
+                e.refusal_logged = True
+                log.warning(
+                    "ejection refused",
+                    extra=fields(
+                        cluster=self.name,
+                        endpoint=e.address,
+                        reason=reason,
+                        why="the last endpoint in rotation" if not others else "the cap",
+                        ejected=ejected,
+                        max_ejection_percent=self._outlier.max_ejection_percent,
+                    ),
+                )
             return
         now = self._clock()
         if now - e.reinstated_at >= self._outlier.max_ejection_time:
@@ -303,6 +318,7 @@ class ClusterHealth:
 
     def drain(self) -> None:
         """Take every endpoint out for good: the gateway is shutting down."""
+        self._draining = True  # no panic over endpoints that are merely draining
         for e in self._endpoints:
             self._apply(e, Event.DRAIN, "gateway draining")
         if self._ramp_timer is not None:
@@ -345,7 +361,7 @@ class ClusterHealth:
         """Push rotation and slow-start shares to the balancer; tell the listeners."""
         endpoints = self._endpoints
         healthy = sum(e.state in ELIGIBLE for e in endpoints)
-        panic = healthy * 100 < self._panic_threshold * len(endpoints)
+        panic = healthy * 100 < self._panic_threshold * len(endpoints) and not self._draining
         if panic != self.panic:
             self.panic = panic
             log.warning(

@@ -374,3 +374,43 @@ def test_pick_other_never_returns_the_excluded_endpoint() -> None:
         b.pick_other(0)
     assert b.kernel.is_eligible(0)  # put back after the pick
     assert [b.kernel.in_flight(i) for i in range(3)] == [0, 0, 0]
+
+
+def test_passive_ejection_never_takes_the_last_endpoint_in_rotation() -> None:
+    health, _ = _health(1)
+    for _ in range(20):
+        health.failed(0, UNAVAILABLE)
+    assert health.state(0) is S.UNKNOWN and health.serving
+    three, _ = _health(3, outlier_detection={"max_ejection_percent": 100})
+    three.check_failed(1, "x", explicit=True)
+    three.check_failed(2, "x", explicit=True)
+    for _ in range(5):
+        three.failed(0, UNAVAILABLE)
+    assert three.states() == [S.UNKNOWN, S.NOT_SERVING, S.NOT_SERVING]
+    assert _eligible(three) == [0]
+
+
+def test_a_refused_ejection_is_said_once_until_the_endpoint_recovers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    health, _ = _health(5)  # the default 10%: one endpoint ejected at most
+    with caplog.at_level(logging.WARNING, logger="lbgw.endpoints"):
+        for _ in range(2000):
+            for i in range(5):
+                health.failed(i, UNAVAILABLE)
+        refused = [r for r in caplog.records if r.getMessage() == "ejection refused"]
+        assert health.states().count(S.EJECTED) == 1
+        assert len(refused) == 4  # once for each endpoint left in, not once per 5 failures
+        health.succeeded(1)
+        for _ in range(5):
+            health.failed(1, UNAVAILABLE)
+        refused = [r for r in caplog.records if r.getMessage() == "ejection refused"]
+        assert len(refused) == 5
+
+
+def test_draining_is_not_a_panic(caplog: pytest.LogCaptureFixture) -> None:
+    health, _ = _health(2, panic_threshold=50)
+    with caplog.at_level(logging.WARNING, logger="lbgw.endpoints"):
+        health.drain()
+    assert not health.panic
+    assert not [r for r in caplog.records if r.getMessage() == "panic"]
