@@ -190,19 +190,25 @@ class Gateway:
         streams hear it at once; ``Check`` polls during ``drain_delay``
         (taken from the grace period), while lbgw still serves every call.
         Then the ``Watch`` streams end, so they do not hold the drain open,
-        and the listeners close.
+        and the listeners close. A cancel during the drain delay still stops
+        everything, at once.
         """
         self.health.drain()
         server, self._server = self._server, None
-        if server is not None:
-            delay = self.config.drain_delay
-            if grace is not None:
-                delay = min(delay, grace)
+        delay = self.config.drain_delay if server is not None else 0.0
+        if grace is not None:
+            delay = min(delay, grace)
+        try:
             if delay > 0:
                 log.info("draining", extra=fields(drain_delay=delay, grace=grace))
                 await asyncio.sleep(delay)
+        finally:
+            await self._close(server, None if grace is None else grace - delay)
+
+    async def _close(self, server: aio.Server | None, grace: float | None) -> None:
+        if server is not None:
             self.health.end_watches()
-            await server.stop(None if grace is None else grace - delay)
+            await server.stop(grace)
         checkers, self._checkers = self._checkers, []
         for checker in checkers:
             await checker.stop()

@@ -662,3 +662,22 @@ async def test_endpoint_state_changes_are_logged_as_endpoint_state_events() -> N
     # The line keeps its own name: no field may overwrite "event".
     assert changes[0]["event"] == "endpoint state", changes[0]
     assert changes[0]["endpoint"] == addr
+
+
+async def test_a_stop_cancelled_during_the_drain_delay_still_stops_everything() -> None:
+    backend = EchoBackend("a")
+    async with (
+        health_backends(backend) as (addrs, _),
+        through(config(addrs, cluster=checks(), server={"drain_delay": 30})) as t,
+    ):
+        gateway = t.gateway
+        stopping = asyncio.ensure_future(gateway.stop(60))
+        await asyncio.sleep(0.2)  # inside the 30 s drain delay
+        stopping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stopping
+        assert gateway.addresses  # it had listened ...
+        with pytest.raises(aio.AioRpcError) as info:  # ... and listens no more
+            await t.stub.Unary(request(), timeout=2)
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert all(s is State.DRAINING for s in gateway.clusters["echo"].health.states())
