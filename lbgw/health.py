@@ -152,21 +152,23 @@ class HealthChecker:
         if self.telemetry is not None and self.telemetry.health_checks:
             span = self.telemetry.health_check_span(address)
         stub = health_pb2_grpc.HealthStub(self.backends[i].channel)
+        code = grpc.StatusCode.CANCELLED
+        details: str | None = "health check stopped"
         try:
             response = await stub.Check(self._request(), timeout=self.config.timeout)
+            code, details = grpc.StatusCode.OK, None
         except aio.AioRpcError as error:
-            code = error.code()
-            if span is not None:
-                end_span(span, code, error.details())
+            code, details = error.code(), error.details()
             if code is grpc.StatusCode.UNIMPLEMENTED:
                 self._unimplemented(i, "Check")
             elif code is grpc.StatusCode.NOT_FOUND:  # the server does not know the service
                 self.health.check_failed(i, "SERVICE_UNKNOWN", explicit=True)
             else:
-                self.health.check_failed(i, f"Check failed: {code.name} {error.details() or ''}")
+                self.health.check_failed(i, f"Check failed: {code.name} {details or ''}")
             return
-        if span is not None:
-            end_span(span, grpc.StatusCode.OK)
+        finally:
+            if span is not None:
+                end_span(span, code, details)
         self._status(i, response.status)
 
     async def _watch(self, i: int) -> bool:
@@ -192,6 +194,7 @@ class HealthChecker:
 
     async def _tcp(self, i: int) -> None:
         host, port = parse_address(self.backends[i].address)
+        host = host.removeprefix("[").removesuffix("]")  # an IPv6 address, unbracketed
         try:
             async with asyncio.timeout(self.config.timeout):
                 _, writer = await asyncio.open_connection(host, port)

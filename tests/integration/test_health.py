@@ -664,6 +664,30 @@ async def test_endpoint_state_changes_are_logged_as_endpoint_state_events() -> N
     assert changes[0]["endpoint"] == addr
 
 
+async def test_a_tcp_check_reaches_an_ipv6_endpoint() -> None:
+    connections: list[int] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        writer.close()
+
+    try:
+        listener = await asyncio.start_server(accept, "::1", 0)
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        cfg = config([f"[::1]:{port}"], cluster={"health_check": {"mode": "tcp", "interval": 0.1}})
+        async with through(cfg) as t:
+            health = t.gateway.clusters["echo"].health
+            await until("the IPv6 endpoint is SERVING", all_in(health))
+            await until("checked again", lambda: len(connections) >= 3)
+            assert health.states() == [State.SERVING]
+    finally:
+        listener.close()
+        await listener.wait_closed()
+
+
 async def test_a_stop_cancelled_during_the_drain_delay_still_stops_everything() -> None:
     backend = EchoBackend("a")
     async with (
