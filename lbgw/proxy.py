@@ -494,10 +494,31 @@ class _Traced:
                 )
             raise
         took = time.perf_counter_ns() - started
+        try:
+            self._open_attempt(
+                i, attempt, reason, took=took, candidates=candidates, skipped=skipped, how=how
+            )
+        except Exception:  # a fault of tracing's own must not fail the call, nor leak the pick
+            log.exception("tracing failed; the call goes on untraced")
+            self.attempt = self.call
+        return i
+
+    def _open_attempt(
+        self,
+        i: int,
+        attempt: int,
+        reason: str | None,
+        *,
+        took: int,
+        candidates: list[tuple[str, dict[str, float]]],
+        skipped: list[tuple[str, str]],
+        how: dict[str, str | int],
+    ) -> None:
+        cluster = self.target.cluster
         address = cluster.backends[i].address
         decision = decision_attributes(
             cluster.name,
-            balancer.strategy,
+            cluster.balancer.strategy,
             address,
             candidates=candidates,
             skipped=skipped,
@@ -510,7 +531,6 @@ class _Traced:
         self.attempt = self.telemetry.attempt_span(
             self.call, self.method, address, attempt, reason, decision=decision
         )
-        return i
 
     def metadata(self, metadata: _Forwarded) -> _Forwarded:
         """The metadata for the attempt: W3C trace context from the attempt's span."""
@@ -640,8 +660,9 @@ def _unary_response(
                 call = feeder = None
                 retry_to = -1
                 reading = [False]
-                sent = metadata if tr is None else tr.metadata(metadata)
+                code, details = _CANCELLED, _GONE  # this attempt's, until it ends
                 try:
+                    sent = metadata if tr is None else tr.metadata(metadata)
                     if streaming_request:
                         call, feeder, reading = _start(calls[i], request, sent, context, True)
                     else:  # the fast path, inline
@@ -740,8 +761,9 @@ def _stream_response(
                 call = feeder = None
                 retry_to = -1
                 reading = [False]
-                sent = metadata if tr is None else tr.metadata(metadata)
+                code, details = _CANCELLED, _GONE  # this attempt's, until it ends
                 try:
+                    sent = metadata if tr is None else tr.metadata(metadata)
                     call, feeder, reading = _start(
                         calls[i], request, sent, context, streaming_request
                     )
