@@ -194,8 +194,8 @@ class Balancer:
                 hashing.set_eligible(exclude, True)
         else:
             i = hashing.pick_key(key)
-        if i < 0:
-            raise NoEligibleEndpointError(self.name)
+        if i < 0:  # no point or slot of an eligible endpoint (a table smaller than
+            return self.pick() if exclude < 0 else self.pick_other(exclude)  # the cluster)
         self.kernel.started(i)
         return i
 

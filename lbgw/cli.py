@@ -226,9 +226,12 @@ def _serve_config(args: argparse.Namespace) -> Config:
             health["mode"] = args.health_check
         if args.health_interval is not None:
             interval = args.health_interval
-            if not (interval > 0 and math.isfinite(interval)):
+            if not 0 < interval <= 3600:  # also refuses nan
                 raise ConfigError(
-                    "command line", "--health-interval", "a positive number of seconds", interval
+                    "command line",
+                    "--health-interval",
+                    "a positive number of seconds, up to 3600",
+                    interval,
                 )
             health["interval"] = interval
         if health:

@@ -737,7 +737,7 @@ class _Reader:
             seen.add(endpoint.address)
             endpoints.append(endpoint)
 
-        params = self.params(table.get("params", {}), f"{key}.params", strategy)
+        params = self.params(table.get("params", {}), f"{key}.params", strategy, len(endpoints))
 
         options_data = table.get("channel_options", {})
         if not isinstance(options_data, Mapping):
@@ -807,8 +807,13 @@ class _Reader:
     def health_check(self, value: object, key: str) -> HealthCheckConfig:
         d = HealthCheckConfig()
         table = self.table(value, key, frozenset(f.name for f in dataclasses.fields(d)))
-        interval = self.number(table.get("interval", d.interval), f"{key}.interval", positive=True)
-        timeout = self.number(table.get("timeout", d.timeout), f"{key}.timeout", positive=True)
+        # An hour at most: gRPC turns a deadline years away into DEADLINE_EXCEEDED at once.
+        interval = self.number(
+            table.get("interval", d.interval), f"{key}.interval", positive=True, high=3600
+        )
+        timeout = self.number(
+            table.get("timeout", d.timeout), f"{key}.timeout", positive=True, high=3600
+        )
         return HealthCheckConfig(
             mode=self.string(table.get("mode", d.mode), f"{key}.mode", HEALTH_MODES),
             service=self.string(table.get("service", d.service), f"{key}.service"),
@@ -940,7 +945,9 @@ class _Reader:
             weight=self.integer(table.get("weight", 1), f"{key}.weight", 1, MAX_WEIGHT),
         )
 
-    def params(self, value: object, key: str, strategy: str) -> StrategyParams:
+    def params(
+        self, value: object, key: str, strategy: str, n_endpoints: int = 1
+    ) -> StrategyParams:
         allowed = _PARAMS_FOR[strategy]
         if isinstance(value, Mapping):
             for name in value:
@@ -965,10 +972,12 @@ class _Reader:
                 high=MAX_ACTIVE_REQUEST_BIAS,
             ),
             seed=None if seed is None else self.integer(seed, f"{key}.seed", 0, 2**64 - 1),
-            **self.hashing(table, key, strategy),
+            **self.hashing(table, key, strategy, n_endpoints),
         )
 
-    def hashing(self, table: Mapping[str, Any], key: str, strategy: str) -> dict[str, Any]:
+    def hashing(
+        self, table: Mapping[str, Any], key: str, strategy: str, n_endpoints: int
+    ) -> dict[str, Any]:
         """The parameters of ``ring_hash`` and ``maglev``; {} for other strategies."""
         if strategy not in HASH_STRATEGIES:
             return {}
@@ -1003,12 +1012,20 @@ class _Reader:
                 low,
                 MAX_RING_SIZE,
             )
+            if high < n_endpoints:
+                raise self.fail(
+                    f"{key}.max_ring_size",
+                    f"at least the number of endpoints ({n_endpoints}), one point each",
+                    high,
+                )
             out.update(min_ring_size=low, max_ring_size=high)
         else:
             size = table.get("table_size", d.table_size)
             if not (isinstance(size, int) and not isinstance(size, bool) and _is_prime(size)):
                 raise self.fail(f"{key}.table_size", "a prime number, such as 65537", size)
-            out["table_size"] = self.integer(size, f"{key}.table_size", 2, MAX_MAGLEV_TABLE)
+            out["table_size"] = self.integer(
+                size, f"{key}.table_size", max(2, n_endpoints), MAX_MAGLEV_TABLE
+            )
         return out
 
     def routes(self, value: object, clusters: set[str]) -> tuple[RouteConfig, ...]:

@@ -20,7 +20,7 @@ SECRET = b"s3cret"
 
 
 def _cluster(
-    strategy: str = "maglev", addresses: list[str] | None = None, **extra: Any
+    strategy: str = "maglev", addresses: list[Any] | None = None, **extra: Any
 ) -> ClusterConfig:
     hashing = strategy in ("ring_hash", "maglev")
     params = extra.pop("params", {"hash_key": "x-session-id"} if hashing else {})
@@ -183,3 +183,14 @@ def test_in_flight_counts_follow_keyed_and_pinned_picks() -> None:
     a.balancer.done(i, 0, None)
     a.balancer.done(j, 0, None)
     assert [a.balancer.kernel.in_flight(k) for k in range(5)] == [0] * 5
+
+
+def test_a_keyed_pick_reaches_an_eligible_endpoint_whatever_its_share_of_the_table() -> None:
+    # Weights this lopsided leave the light endpoint few slots or none; with the heavy
+    # one out, every key must still reach the light one (through the fallback if need be).
+    addresses = ["10.0.0.1:1", "10.0.0.2:1"]
+    endpoints = [{"address": addresses[0], "weight": 1}, {"address": addresses[1], "weight": 2**24}]
+    cluster = _cluster("maglev", endpoints, params={"hash_key": "x-session-id", "table_size": 7})
+    a = _affinity(cluster)
+    a.balancer.set_eligible(1, False)
+    assert {a.pick(_md(f"s{n}"), "", "/a.B/C") for n in range(50)} == {0}

@@ -271,12 +271,12 @@ def test_serve_quick_form_flag_errors_are_argparse_errors(
         (
             ["--health-interval", "0"],
             "--health-interval",
-            "expected a positive number of seconds, got 0.0",
+            "expected a positive number of seconds, up to 3600, got 0.0",
         ),
         (
             ["--health-interval", "inf"],
             "--health-interval",
-            "expected a positive number of seconds, got inf",
+            "expected a positive number of seconds, up to 3600, got inf",
         ),
     ],
 )

@@ -638,7 +638,7 @@ BAD: list[tuple[str, str, str, str]] = [
         "health check interval 0",
         MINIMAL + "[clusters.api.health_check]\ninterval = 0\n",
         "clusters.api.health_check.interval",
-        "a positive number, got 0",
+        "a positive number up to 3600, got 0",
     ),
     (
         "health check rpc",
@@ -795,6 +795,28 @@ BAD: list[tuple[str, str, str, str]] = [
         + 'params = { hash_key = "k", table_size = 7 }\n',
         "clusters.api.params.table_size",
         "a parameter of 'ring_hash'",
+    ),
+    (
+        "maglev table smaller than the cluster",
+        LISTENER
+        + '[clusters.api]\nendpoints = ["h:1", "h:2", "h:3", "h:4", "h:5"]\n'
+        + 'strategy = "maglev"\nparams = { hash_key = "k", table_size = 3 }\n',
+        "clusters.api.params.table_size",
+        "an integer from 5 to 5000011, got 3",
+    ),
+    (
+        "ring smaller than the cluster",
+        LISTENER
+        + '[clusters.api]\nendpoints = ["h:1", "h:2", "h:3"]\nstrategy = "ring_hash"\n'
+        + 'params = { hash_key = "k", min_ring_size = 1, max_ring_size = 2 }\n',
+        "clusters.api.params.max_ring_size",
+        "at least the number of endpoints (3), one point each, got 2",
+    ),
+    (
+        "health check timeout of a year",
+        MINIMAL + "[clusters.api.health_check]\ntimeout = 31536000\n",
+        "clusters.api.health_check.timeout",
+        "a positive number up to 3600, got 31536000",
     ),
     (
         "sticky not a boolean",
