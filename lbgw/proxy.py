@@ -409,11 +409,11 @@ def _start(
     metadata: _Forwarded,
     context: _Context,
     streaming_request: bool,
-) -> tuple[Any, asyncio.Task[None] | None, list[bool]]:
+) -> tuple[Any, asyncio.Task[None] | None, Sequence[bool]]:
     """Start one attempt, and for a request stream the task that feeds it."""
     timeout = context.time_remaining()
     if not streaming_request:
-        return multicallable(request, metadata=metadata, timeout=timeout), None, [False]
+        return multicallable(request, metadata=metadata, timeout=timeout), None, _UNREAD
     call = multicallable(metadata=metadata, timeout=timeout)
     handler = asyncio.current_task()
     assert handler is not None  # grpc.aio runs every handler in a task
@@ -565,7 +565,11 @@ def _retry_to(
     traced: _Traced | None,
     method: str,
 ) -> int:
-    """The endpoint for the next attempt after ``i`` failed with ``code``, or -1: no retry."""
+    """The endpoint for the next attempt after ``i`` failed with ``code``, or -1: no retry.
+
+    A retry takes its place in the cluster's retry budget here; ``_ended``
+    gives it back when the call is over.
+    """
     cluster = target.cluster
     if code not in target.retry_on or attempt >= cluster.retries.max_attempts:
         return -1
@@ -581,18 +585,58 @@ def _retry_to(
             j = traced.pick(attempt + 1, i, code.name)
     except NoEligibleEndpointError:
         return -1
+    if attempt == 1:
+        cluster.retrying += 1
     cluster.retry_stats["sent"] += 1
-    log.debug(
-        "retry",
-        extra=fields(
-            cluster=cluster.name,
-            failed=cluster.backends[i].address,
-            code=code.name,
-            next=cluster.backends[j].address,
-            attempt=attempt + 1,
-        ),
-    )
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(
+            "retry",
+            extra=fields(
+                cluster=cluster.name,
+                failed=cluster.backends[i].address,
+                code=code.name,
+                next=cluster.backends[j].address,
+                attempt=attempt + 1,
+            ),
+        )
     return j
+
+
+def _first(cluster: Cluster, traced: _Traced | None, context: _Context, method: str) -> int:
+    """The first attempt's endpoint; raises ``NoEligibleEndpointError``."""
+    if traced is not None:
+        return traced.pick(1, -1, None)
+    return cluster.choose(context, method)
+
+
+async def _refuse(context: _Context, traced: _Traced | None, error: GatewayError) -> None:
+    """End a call that no endpoint can take: its trace, then the client's call."""
+    if traced is not None:
+        traced.end(error.code, str(error))
+    await context.abort(error.code, str(error))
+
+
+def _failed(
+    target: Target,
+    i: int,
+    error: aio.AioRpcError,
+    *,
+    attempt: int,
+    retryable: bool,
+    context: _Context,
+    traced: _Traced | None,
+    method: str,
+) -> int:
+    """Attempt ``attempt`` on ``i`` failed: tell passive ejection, end its span, and
+    return the endpoint to retry on (-1: none). ``retryable``: nothing of the call
+    has gone past the point where it could be sent again."""
+    code = error.code()
+    target.cluster.health.failed(i, code)
+    if traced is not None:
+        traced.end_attempt(code, error.details())
+    if not retryable:
+        return -1
+    return _retry_to(target, i, code, attempt, context, traced=traced, method=method)
 
 
 def _ended(
@@ -610,6 +654,8 @@ def _ended(
         traced.end(code, details)
 
 
+#: ``reading`` of an attempt whose request is not a stream: never read, so retryable.
+_UNREAD: Final[Sequence[bool]] = (False,)
 _CANCELLED: Final = grpc.StatusCode.CANCELLED
 _OK: Final = grpc.StatusCode.OK
 _GONE: Final = "cancelled by the client, or its deadline passed"
@@ -626,27 +672,18 @@ def _unary_response(
     """The forwarder for unary and client-streaming methods (one response)."""
     cluster = target.cluster
     balancer, health = cluster.balancer, cluster.health
-    pick, done = balancer.pick, balancer.done
-    succeeded, failed = health.succeeded, health.failed
+    done, succeeded = balancer.done, health.succeeded
     backends = cluster.backends
     clock = time.monotonic_ns
     traced = telemetry.enabled
-    affinity = cluster.affinity
-    sticky = affinity.sticky if affinity is not None else None
+    sticky = cluster.affinity.sticky if cluster.affinity is not None else None
 
     async def forward(request: Any, context: _Context) -> bytes | None:
         tr = _Traced(telemetry, target, method, context) if traced else None
         try:
-            if tr is not None:
-                i = tr.pick(1, -1, None)
-            elif affinity is None:
-                i = pick()
-            else:
-                i = affinity.pick(context.invocation_metadata(), context.peer(), method)
+            i = _first(cluster, tr, context, method)
         except NoEligibleEndpointError as exc:
-            if tr is not None:
-                tr.end(exc.code, str(exc))
-            await context.abort(exc.code, str(exc))
+            await _refuse(context, tr, exc)
         metadata = forwarded_metadata(context.invocation_metadata())
         attempt = 1
         # What the trace says if the handler is cancelled:
@@ -658,8 +695,7 @@ def _unary_response(
                 start = clock()
                 latency: int | None = None
                 call = feeder = None
-                retry_to = -1
-                reading = [False]
+                reading = _UNREAD
                 code, details = _CANCELLED, _GONE  # this attempt's, until it ends
                 try:
                     sent = metadata if tr is None else tr.metadata(metadata)
@@ -684,13 +720,16 @@ def _unary_response(
                     code = error.code()
                     if _observed(error, backends[i]):
                         latency = clock() - start
-                    failed(i, code)
-                    if tr is not None:
-                        tr.end_attempt(code, error.details())
-                    if not (streaming_request and reading[0]):
-                        retry_to = _retry_to(
-                            target, i, code, attempt, context, traced=tr, method=method
-                        )
+                    retry_to = _failed(
+                        target,
+                        i,
+                        error,
+                        attempt=attempt,
+                        retryable=not reading[0],
+                        context=context,
+                        traced=tr,
+                        method=method,
+                    )
                     if retry_to < 0:
                         details = await _relay_error(
                             context, error, cluster, backends[i], initial_sent=False
@@ -699,8 +738,6 @@ def _unary_response(
                 finally:
                     _end(call, feeder)
                     done(i, start, latency)
-                if attempt == 1:
-                    cluster.retrying += 1
                 attempt += 1
                 i = retry_to
         finally:
@@ -725,27 +762,18 @@ def _stream_response(
     """
     cluster = target.cluster
     balancer, health = cluster.balancer, cluster.health
-    pick, done = balancer.pick, balancer.done
-    succeeded, failed = health.succeeded, health.failed
+    done, succeeded = balancer.done, health.succeeded
     backends = cluster.backends
     clock = time.monotonic_ns
     traced = telemetry.enabled
-    affinity = cluster.affinity
-    sticky = affinity.sticky if affinity is not None else None
+    sticky = cluster.affinity.sticky if cluster.affinity is not None else None
 
     async def forward(request: Any, context: _Context) -> None:
         tr = _Traced(telemetry, target, method, context) if traced else None
         try:
-            if tr is not None:
-                i = tr.pick(1, -1, None)
-            elif affinity is None:
-                i = pick()
-            else:
-                i = affinity.pick(context.invocation_metadata(), context.peer(), method)
+            i = _first(cluster, tr, context, method)
         except NoEligibleEndpointError as exc:
-            if tr is not None:
-                tr.end(exc.code, str(exc))
-            await context.abort(exc.code, str(exc))
+            await _refuse(context, tr, exc)
         metadata = forwarded_metadata(context.invocation_metadata())
         attempt = 1
         # What the trace says if the handler is cancelled:
@@ -759,8 +787,7 @@ def _stream_response(
                 latency: int | None = None
                 relayed = False  # whether anything of the response reached the client
                 call = feeder = None
-                retry_to = -1
-                reading = [False]
+                reading = _UNREAD
                 code, details = _CANCELLED, _GONE  # this attempt's, until it ends
                 try:
                     sent = metadata if tr is None else tr.metadata(metadata)
@@ -792,13 +819,16 @@ def _stream_response(
                     code = error.code()
                     if _observed(error, backends[i]):
                         latency = (headers or clock()) - start
-                    failed(i, code)
-                    if tr is not None:
-                        tr.end_attempt(code, error.details())
-                    if not relayed and not reading[0]:
-                        retry_to = _retry_to(
-                            target, i, code, attempt, context, traced=tr, method=method
-                        )
+                    retry_to = _failed(
+                        target,
+                        i,
+                        error,
+                        attempt=attempt,
+                        retryable=not relayed and not reading[0],
+                        context=context,
+                        traced=tr,
+                        method=method,
+                    )
                     if retry_to < 0:
                         details = await _relay_error(
                             context, error, cluster, backends[i], initial_sent=relayed
@@ -807,8 +837,6 @@ def _stream_response(
                 finally:
                     _end(call, feeder)
                     done(i, start, latency)
-                if attempt == 1:
-                    cluster.retrying += 1
                 attempt += 1
                 i = retry_to
         finally:
