@@ -194,8 +194,8 @@ class Balancer:
                 hashing.set_eligible(exclude, True)
         else:
             i = hashing.pick_key(key)
-        if i < 0:  # no point or slot of an eligible endpoint (a table smaller than
-            return self.pick() if exclude < 0 else self.pick_other(exclude)  # the cluster)
+        if i < 0:  # every endpoint has a point or slot (config.py sees to it): none is in
+            raise NoEligibleEndpointError(self.name)
         self.kernel.started(i)
         return i
 

@@ -186,8 +186,8 @@ def test_in_flight_counts_follow_keyed_and_pinned_picks() -> None:
 
 
 def test_a_keyed_pick_reaches_an_eligible_endpoint_whatever_its_share_of_the_table() -> None:
-    # Weights this lopsided leave the light endpoint few slots or none; with the heavy
-    # one out, every key must still reach the light one (through the fallback if need be).
+    # Weights this lopsided leave the light endpoint few slots; with the heavy one
+    # out, every key must still reach the light one.
     addresses = ["10.0.0.1:1", "10.0.0.2:1"]
     endpoints = [{"address": addresses[0], "weight": 1}, {"address": addresses[1], "weight": 2**24}]
     cluster = _cluster("maglev", endpoints, params={"hash_key": "x-session-id", "table_size": 7})
