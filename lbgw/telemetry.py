@@ -11,8 +11,8 @@ span per attempt at a backend, its child::
 
     parent = telemetry.extract(context.invocation_metadata())  # the client's traceparent
     call_span = telemetry.server_span(method, context.peer(), parent)
-    attempt = telemetry.attempt_span(call_span, method, address, 1, None)
-    record_decision(attempt, cluster, strategy, address, candidates=..., pick_ns=...)
+    decision = decision_attributes(cluster, strategy, address, candidates=..., pick_ns=...)
+    attempt = telemetry.attempt_span(call_span, method, address, 1, None, decision=decision)
     metadata = telemetry.inject(metadata, with_span(attempt, parent))  # to the backend
     ...
     end_span(attempt, backend_code, details)
