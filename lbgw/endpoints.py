@@ -54,7 +54,7 @@ import grpc
 
 from lbgw.balancer import Balancer
 from lbgw.config import ClusterConfig
-from lbgw.exceptions import LbgwError
+from lbgw.exceptions import IllegalTransitionError
 from lbgw.logs import fields
 
 __all__ = [
@@ -62,7 +62,6 @@ __all__ = [
     "TRANSITIONS",
     "ClusterHealth",
     "Event",
-    "IllegalTransitionError",
     "State",
     "transition",
 ]
@@ -110,15 +109,6 @@ del S, E
 
 #: The states whose endpoints take new calls.
 ELIGIBLE: Final = frozenset({State.UNKNOWN, State.SERVING})
-
-
-class IllegalTransitionError(LbgwError):
-    """An event that the endpoint's state does not admit."""
-
-    def __init__(self, state: State, event: Event) -> None:
-        self.state = state
-        self.event = event
-        super().__init__(f"no transition from {state.name} on {event.name}")
 
 
 def transition(state: State, event: Event) -> State:

@@ -1,6 +1,9 @@
 """lbgw's exceptions: one shallow tree, grouped by where the error comes from.
 
-``ConfigError`` is raised while a config is loaded, before anything runs.
+``ConfigError`` is raised while a config is loaded, before anything runs;
+``StartError`` when the gateway cannot start (a listener cannot be bound).
+``IllegalTransitionError`` is a bug: an endpoint state that an event does not
+admit (``endpoints.TRANSITIONS``).
 ``GatewayError`` and its subclasses are the answers lbgw itself gives a call;
 each carries the ``grpc.StatusCode`` it becomes on the wire. A status that a
 backend returns is never one of these: it passes through unchanged.
@@ -8,6 +11,7 @@ backend returns is never one of these: it passes through unchanged.
 
 from __future__ import annotations
 
+import enum
 from typing import ClassVar
 
 import grpc
@@ -16,9 +20,11 @@ __all__ = [
     "ConfigError",
     "EndpointUnreachableError",
     "GatewayError",
+    "IllegalTransitionError",
     "LbgwError",
     "NoEligibleEndpointError",
     "NoRouteError",
+    "StartError",
 ]
 
 
@@ -37,6 +43,19 @@ class ConfigError(LbgwError, ValueError):
         if got is not None:
             message += f", got {got!r}"
         super().__init__(message)
+
+
+class StartError(LbgwError):
+    """The gateway could not start, e.g. a listener address could not be bound."""
+
+
+class IllegalTransitionError(LbgwError):
+    """An event that an endpoint's state does not admit (``endpoints.TRANSITIONS``)."""
+
+    def __init__(self, state: enum.Enum, event: enum.Enum) -> None:
+        self.state = state
+        self.event = event
+        super().__init__(f"no transition from {state.name} on {event.name}")
 
 
 class GatewayError(LbgwError):

@@ -25,7 +25,7 @@ from lbgw.backends import Backend, channel_options
 from lbgw.balancer import Balancer
 from lbgw.config import STICKY_SECRET_ENV, ClusterConfig, Config, RouteConfig, parse_address
 from lbgw.endpoints import ClusterHealth
-from lbgw.exceptions import LbgwError
+from lbgw.exceptions import StartError
 from lbgw.health import HealthChecker, HealthService
 from lbgw.logs import fields
 from lbgw.proxy import Cluster, Proxy, Target
@@ -33,13 +33,9 @@ from lbgw.reflection import discover_kinds
 from lbgw.routing import Router
 from lbgw.telemetry import Telemetry
 
-__all__ = ["Gateway", "StartError"]
+__all__ = ["Gateway"]
 
 log = logging.getLogger("lbgw.server")
-
-
-class StartError(LbgwError):
-    """The gateway could not start, e.g. a listener address could not be bound."""
 
 
 def server_options(config: Config, *, reuse_port: bool) -> list[tuple[str, Any]]:

@@ -13,7 +13,7 @@ import pytest
 from lbgw.affinity import Affinity, Sticky, peer_host
 from lbgw.balancer import Balancer
 from lbgw.config import ClusterConfig, config_from_mapping
-from lbgw.exceptions import NoEligibleEndpointError
+from lbgw.exceptions import ConfigError, NoEligibleEndpointError
 
 ADDRESSES = [f"10.0.0.{i}:50051" for i in range(1, 6)]
 SECRET = b"s3cret"
@@ -159,7 +159,7 @@ def test_a_token_for_an_endpoint_out_of_rotation_leads_to_a_new_pick() -> None:
 def test_the_token_key_is_configurable_and_checked() -> None:
     a = _affinity(_cluster("swrr", sticky={"enabled": True, "key": "x-pin"}))
     assert a.sticky is not None and a.sticky.token(0)[0] == "x-pin"
-    with pytest.raises(Exception, match=r"clusters.api.sticky.key: expected a metadata key"):
+    with pytest.raises(ConfigError, match=r"clusters.api.sticky.key: expected a metadata key"):
         _cluster("swrr", sticky={"enabled": True, "key": "X-Pin"})
 
 

@@ -22,10 +22,10 @@ from lbgw.endpoints import (
     TRANSITIONS,
     ClusterHealth,
     Event,
-    IllegalTransitionError,
     State,
     transition,
 )
+from lbgw.exceptions import IllegalTransitionError, NoEligibleEndpointError
 from lbgw.logs import _FIELDS
 from lbgw.testing import ManualClock
 
@@ -152,7 +152,7 @@ def test_no_endpoint_healthy_fails_fast_naming_the_cluster() -> None:
     for i in range(2):
         health.check_failed(i, "NOT_SERVING", explicit=True)
     assert not health.serving
-    with pytest.raises(Exception, match="no endpoint of cluster 'c' is healthy"):
+    with pytest.raises(NoEligibleEndpointError, match="no endpoint of cluster 'c' is healthy"):
         health.balancer.pick()
 
 
@@ -370,7 +370,7 @@ def test_pick_other_never_returns_the_excluded_endpoint() -> None:
             assert j != exclude
     for i in (1, 2):
         health.check_failed(i, "x", explicit=True)
-    with pytest.raises(Exception, match="is healthy"):
+    with pytest.raises(NoEligibleEndpointError, match="is healthy"):
         b.pick_other(0)
     assert b.kernel.is_eligible(0)  # put back after the pick
     assert [b.kernel.in_flight(i) for i in range(3)] == [0, 0, 0]
