@@ -1,41 +1,55 @@
-"""The README's configuration example is a valid config, so the docs stay true."""
+"""The docs' configuration examples are valid configs, so the docs stay true."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-import grpc
+import pytest
 
 from lbgw.config import MethodKind, load_config
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+
+_TOML = re.compile(r"^```toml\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
 
 def test_the_readme_config_example_is_valid(tmp_path: Path) -> None:
     text = README.read_text(encoding="utf-8")
     section = text[text.index("## Configuration") :]
-    match = re.search(r"```toml\n(.*?)```", section, re.DOTALL)
+    match = _TOML.search(section)
     assert match is not None, "no ```toml block under ## Configuration"
     path = tmp_path / "lbgw.toml"
     path.write_text(match.group(1), encoding="utf-8")
 
     config = load_config(path)
 
-    users, orders = config.clusters
+    (listener,) = config.listeners
+    assert listener.address == "0.0.0.0:50051"
+    (users,) = config.clusters
     assert (users.name, users.strategy, len(users.endpoints)) == ("users", "ewma", 3)
-    assert users.endpoints[0].weight == 3 and users.reflection
-    assert users.channel_options == (("grpc.keepalive_time_ms", 30000),)
-    assert (orders.strategy, orders.params.hash_key, orders.params.fallback) == (
-        "maglev",
-        "x-session-id",
-        "swrr",
-    )
-    assert orders.sticky.key == "lbgw-sticky" and not orders.sticky.enabled
-    assert users.health_check.mode == "grpc" and users.outlier_detection.consecutive_failures == 5
-    assert config.routes[0].retry_on == (grpc.StatusCode.UNAVAILABLE,)
-    assert config.tracing.service_name == "lbgw"
-    assert dict(orders.methods)["/shop.orders.v1.Orders/Watch"] is MethodKind.SERVER_STREAMING
-    assert [r.match for r in config.routes] == ["method", "service", "package", "default"]
-    assert config.tracing.effective_exporter == "otlp"  # the endpoint turns it on
-    assert config.tracing.endpoint_url == "http://localhost:4317"
+    assert [e.weight for e in users.endpoints] == [3, 1, 1]
+    assert (users.health_check.mode, users.health_check.rpc) == ("grpc", "watch")
+    assert dict(users.methods) == {"/shop.users.v1.Users/Get": MethodKind.UNARY}
+    (route,) = config.routes
+    assert (route.match, route.value, route.cluster) == ("package", "shop", "users")
+
+
+def _toml_blocks() -> list[object]:
+    return [
+        pytest.param(match.group(1), id=f"{doc.name}-{n}")
+        for doc in DOCS
+        for n, match in enumerate(_TOML.finditer(doc.read_text(encoding="utf-8")), start=1)
+    ]
+
+
+@pytest.mark.parametrize("block", _toml_blocks())
+def test_every_config_example_in_docs_is_valid(tmp_path: Path, block: str) -> None:
+    """A fragment without a listener is read with one, as it would be used."""
+    if "[[listeners]]" not in block:
+        block = '[[listeners]]\naddress = "127.0.0.1:0"\n\n' + block
+    path = tmp_path / "lbgw.toml"
+    path.write_text(block, encoding="utf-8")
+    assert load_config(path).clusters
