@@ -53,3 +53,43 @@ def test_every_config_example_in_docs_is_valid(tmp_path: Path, block: str) -> No
     path = tmp_path / "lbgw.toml"
     path.write_text(block, encoding="utf-8")
     assert load_config(path).clusters
+
+
+def test_the_readme_is_a_short_read() -> None:
+    lines = README.read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines; move detail to docs/"
+
+
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+_FENCE = re.compile(r"^```.*?^```", re.DOTALL | re.MULTILINE)
+
+
+def _slug(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces to '-'."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def _anchors(doc: Path) -> set[str]:
+    text = _FENCE.sub("", doc.read_text(encoding="utf-8"))
+    return {_slug(m.group(1)) for m in re.finditer(r"^#+ (.*)$", text, re.MULTILINE)}
+
+
+def _links() -> list[object]:
+    links: list[object] = []
+    for doc in [README, ROOT / "bench" / "README.md", *DOCS]:
+        text = _FENCE.sub("", doc.read_text(encoding="utf-8"))
+        for target in _LINK.findall(text):
+            if not re.match(r"[a-z]+:", target):  # http:, https:, mailto: are not checked
+                name = f"{doc.relative_to(ROOT)}->{target}"
+                links.append(pytest.param(doc, target, id=name))
+    return links
+
+
+@pytest.mark.parametrize(("doc", "target"), _links())
+def test_every_relative_link_leads_somewhere(doc: Path, target: str) -> None:
+    path, _, anchor = target.partition("#")
+    linked = (doc.parent / path).resolve() if path else doc
+    assert linked.exists(), f"{doc.name}: {target}: no such file"
+    if anchor and linked.suffix == ".md":
+        assert anchor in _anchors(linked), f"{doc.name}: {target}: no such heading"
