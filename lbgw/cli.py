@@ -1,10 +1,19 @@
 """The ``lbgw`` command: ``serve``, ``check-config``, ``demo`` and ``call``.
 
-With ``cli.py`` and ``config.py``, this is the only module that reads argv,
-files or the environment. ``serve --workers N`` runs N worker processes that
-share the listening ports with ``SO_REUSEPORT`` (the kernel spreads incoming
-connections over them); this process supervises them, forwards SIGTERM and
-SIGINT, and exits 0 once every worker has drained.
+This module and ``lbgw.config`` are the only ones that read argv, files or
+the environment (but for ``kernels.py``, which reads ``LBGW_NO_EXTENSIONS``).
+``serve`` takes a config file or the quick-form flags, lays the ``OTEL_*``
+variables and ``LBGW_STICKY_SECRET`` over it, runs the gateway and drains it
+on SIGTERM or SIGINT. Exit status: 0 after a drain, 2 for a bad config or
+command line, 1 if the gateway cannot start.
+
+``serve --workers N`` runs N worker processes that share the listening ports
+with ``SO_REUSEPORT`` (the kernel spreads incoming connections over them);
+a port 0 is resolved, and an unset sticky secret made, once for all of them.
+This process supervises them: on SIGTERM or SIGINT it sends every worker
+SIGTERM and exits 0 once all have drained, killing one still running
+``grace_period`` + 10 s later; if a worker exits on its own, it stops the
+others and exits 1.
 """
 
 from __future__ import annotations
