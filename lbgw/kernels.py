@@ -33,6 +33,7 @@ __all__ = [
     "RoundRobin",
     "SmoothWeightedRoundRobin",
     "hash64",
+    "is_prime",
 ]
 
 
@@ -63,6 +64,8 @@ EDF_THRESHOLD: Final[int] = _impl.EDF_THRESHOLD
 MAX_RING_SIZE: Final[int] = _impl.MAX_RING_SIZE
 MAX_TABLE_SIZE: Final[int] = _impl.MAX_TABLE_SIZE
 hash64: Final[Hash64] = _impl.hash64
+#: Pure arithmetic, the same for both twins: config checks a Maglev table size with it.
+is_prime: Final = picking.is_prime
 
 SmoothWeightedRoundRobin: type[picking.SmoothWeightedRoundRobin] = _impl.SmoothWeightedRoundRobin
 RoundRobin: type[picking.RoundRobin] = _impl.RoundRobin

@@ -996,7 +996,12 @@ class RingHash(_HashKernel):
         return self._owners[pos]
 
 
-def _is_prime(m: int) -> bool:
+def is_prime(m: int) -> bool:
+    """Whether ``m`` is prime, as a Maglev table's size must be.
+
+    Arithmetic, not a kernel: it stays out of ``__all__`` (the compiled
+    twin's API) and reaches config through ``lbgw.kernels.is_prime``.
+    """
     if m < 2:
         return False
     d = 2
@@ -1005,6 +1010,9 @@ def _is_prime(m: int) -> bool:
             return False
         d += 1
     return True
+
+
+_is_prime = is_prime  # the name Maglev calls it by
 
 
 class Maglev(_HashKernel):
