@@ -225,6 +225,18 @@ cdef inline void _two(uint64_t *state, Py_ssize_t m, Py_ssize_t *a, Py_ssize_t *
         b[0] += 1
 
 
+cdef inline Py_ssize_t _dense_pos(const int32_t *dense, Py_ssize_t m, Py_ssize_t i) noexcept nogil:
+    """Where backend i is in an ascending dense array of m, or would be (binary search)."""
+    cdef Py_ssize_t lo = 0, hi = m, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if dense[mid] < i:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 cdef inline double _log1k(int64_t k) noexcept nogil:
     return _LOGTAB[k] if k < _LOGTAB_SIZE else log(<double>(k + 1))
 
@@ -385,18 +397,13 @@ cdef class SmoothWeightedRoundRobin(_Kernel):
 
     def current_weight(self, i):
         """nginx's current weight of backend ``i`` (the scan's; 0 under the EDF scheduler)."""
-        cdef Py_ssize_t j = self._index(i), lo = 0, hi = self._m, mid
+        cdef Py_ssize_t j = self._index(i)
         if self._edf:
             return 0
-        if not self._elig[j]:
+        if not (self._elig[j] and self._w[j] > 0):  # out of rotation: kept by index
             return self._cur[j]
-        while lo < hi:  # the scan keeps it by dense position; _dense is ascending
-            mid = (lo + hi) >> 1
-            if self._dense[mid] < j:
-                lo = mid + 1
-            else:
-                hi = mid
-        return self._dcur[lo]
+        # The scan keeps it by dense position; _dense is ascending.
+        return self._dcur[_dense_pos(self._dense, self._m, j)]
 
     cdef void _rebuild(self) noexcept:
         cdef Py_ssize_t i, j, h
