@@ -35,6 +35,9 @@ cdef class _Kernel:
     cdef Py_ssize_t _alloc(self, object count) except -1
     cdef void _rebuild(self) noexcept
     cdef Py_ssize_t _index(self, object i) except -1
+    # pick_excluding's i: the index, or -1 (excludes nothing) if it is none.
+    cdef Py_ssize_t _excluded(self, object i) except? -2
+    cdef bint _rotates(self, Py_ssize_t i) noexcept nogil
 
 
 cdef class SmoothWeightedRoundRobin(_Kernel):
@@ -48,14 +51,18 @@ cdef class SmoothWeightedRoundRobin(_Kernel):
     cdef int64_t _t_den
 
     cdef int _pick(self) noexcept nogil
+    cdef int _pick_excluding(self, Py_ssize_t i) noexcept nogil
     cdef void _rebase_if_due(self) noexcept nogil
 
 
 cdef class RoundRobin(_Kernel):
     cdef int _last
-    cdef Py_ssize_t _next
+    cdef Py_ssize_t _next       # dense position of the next turn
+    cdef Py_ssize_t _stop       # the position at which a pick wraps (_m), or jumps
+    cdef Py_ssize_t _resume     # where it lands: 0, or past the turns served early
 
     cdef int _pick(self) noexcept nogil
+    cdef int _pick_excluding(self, Py_ssize_t i) noexcept nogil
 
 
 cdef class _SeededKernel(_Kernel):
@@ -72,6 +79,7 @@ cdef class Random(_SeededKernel):
     cdef int32_t *_large
 
     cdef int _pick(self) noexcept nogil
+    cdef int _pick_excluding(self, Py_ssize_t i) noexcept nogil
 
 
 cdef class LeastRequest(_SeededKernel):
@@ -84,6 +92,7 @@ cdef class LeastRequest(_SeededKernel):
     cdef _Due *_saved           # EDF: each backend's entry, by index, at rebuilds (i = -1: none)
 
     cdef int _pick(self) noexcept nogil
+    cdef int _pick_excluding(self, Py_ssize_t i) noexcept nogil
     cdef double _eff_weight(self, Py_ssize_t i) noexcept nogil
     cdef _Due _due(self, Py_ssize_t i) noexcept nogil
 
@@ -101,7 +110,9 @@ cdef class PeakEwma(_SeededKernel):
 
     cdef void _rescore(self, Py_ssize_t i) noexcept nogil
     cdef int _pick(self) noexcept nogil
+    cdef int _pick_excluding(self, Py_ssize_t i) noexcept nogil
     cdef int _pick_p2c(self) noexcept nogil
+    cdef int _pick_p2c_excluding(self, Py_ssize_t i) noexcept nogil
 
 
 ctypedef struct _Point:
@@ -124,6 +135,9 @@ cdef class _HashKernel(_SeededKernel):
     cdef int _refresh(self) except -1
     cdef int _build(self) except -1
     cdef int _lookup(self, uint64_t h, Py_ssize_t *pos) noexcept nogil
+    # _lookup walking past backend x too; x must be eligible and own a point or slot.
+    cdef int _walk_excluding(self, uint64_t h, Py_ssize_t x) noexcept nogil
+    cdef int _lookup_excluding(self, uint64_t h, Py_ssize_t x) noexcept nogil
     cdef int _pick(self) noexcept nogil
 
 

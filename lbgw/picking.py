@@ -24,6 +24,15 @@ Rules shared by every kernel:
 * Keys and endpoint names are hashed with ``hash64``, xxHash64: the same value
   in every process and on every platform, where Python's ``hash()`` is salted
   per process.
+* ``pick_excluding(i)`` is a retry's pick, "any backend but ``i``": it
+  advances the kernel as ``pick()`` does but never returns ``i``, and returns
+  -1 when no backend but ``i`` is in rotation (changing nothing then, except
+  that the hashing kernels draw as their ``pick()`` always does). It changes
+  no eligibility and resets nothing of ``i``'s: the old way, taking ``i`` out
+  of rotation for one pick, cost two rebuilds and, in SWRR, ``i``'s place in
+  the schedule. An ``i`` that is not a backend in rotation (-1, out of range,
+  ineligible, weight 0) excludes nothing: the call is ``pick()``. Each kernel
+  documents how it keeps ``i``'s share.
 
 The consistent-hashing kernels (RingHash, Maglev) also take each backend's name, and
 pick by a key's hash: ``pick_key(key)``, ``pick_hash(h)``; see ``_HashKernel``.
@@ -80,6 +89,8 @@ MAX_RING_SIZE = 8_388_608
 MAX_TABLE_SIZE = 5_000_011
 
 _M64 = (1 << 64) - 1
+#: Ordinary picks Random.pick_excluding tries before its direct draw.
+_REJECT_TRIES = 4
 _LOGTAB_SIZE = 256
 _LOGTAB = [math.log(k + 1) for k in range(_LOGTAB_SIZE)]
 
@@ -107,6 +118,12 @@ def _check_index(i: int, n: int) -> int:
     if not 0 <= i < n:
         raise IndexError(f"backend index {i} out of range for {n} backends")
     return i
+
+
+def _excluded(i: int, n: int) -> int:
+    """The backend ``pick_excluding`` should skip: ``i`` if it is an index, else -1 (none)."""
+    i = operator.index(i)
+    return i if 0 <= i < n else -1
 
 
 def _random_seed() -> int:
@@ -242,6 +259,13 @@ class _Kernel:
     def pick(self) -> int:
         raise NotImplementedError
 
+    def pick_excluding(self, i: int, /) -> int:
+        raise NotImplementedError
+
+    def _rotates(self, i: int) -> bool:
+        """Whether ``i`` (an index, or -1) is a backend in rotation."""
+        return i >= 0 and self._elig[i] and self._w[i] > 0
+
     def pick_many(self, count: int) -> int:
         """Make ``count`` picks; return the sum of the picked indices."""
         total = 0
@@ -280,6 +304,12 @@ class _Rng:
         b = self.below(m - 1)
         return a, b + 1 if b >= a else b
 
+    def two_excluding(self, m: int, p: int) -> tuple[int, int]:
+        """Two distinct draws in ``[0, m)`` other than ``p``, ``m >= 3``: two in
+        ``[0, m - 1)``, each then moved past ``p``."""
+        a, b = self.two(m - 1)
+        return a + (a >= p), b + (b >= p)
+
 
 class _SeededKernel(_Kernel):
     """A kernel that draws random numbers: seeded for reproducible picks, else from urandom."""
@@ -291,6 +321,22 @@ class _SeededKernel(_Kernel):
 
     def seed(self, seed: int | None) -> None:
         self._rng = _Rng(_random_seed() if seed is None else seed)
+
+
+def _peek_two(dense: list[int], rng: _Rng, x: int, p2c: bool) -> tuple[int, int]:
+    """The pair a P2C pick over ``dense`` would draw next, skipping backend ``x`` (-1: none),
+    from a copy of ``rng``; ``(-1, -1)`` when it would draw none (``p2c`` false: no P2C)."""
+    m = len(dense)
+    p = bisect.bisect_left(dense, x) if x >= 0 else m
+    if p < m and dense[p] == x:
+        if m < 3 or not p2c:
+            return -1, -1
+        a, b = _Rng(rng.state).two_excluding(m, p)
+    else:
+        if m < 2 or not p2c:
+            return -1, -1
+        a, b = _Rng(rng.state).two(m)
+    return dense[a], dense[b]
 
 
 class SmoothWeightedRoundRobin(_Kernel):
@@ -323,6 +369,21 @@ class SmoothWeightedRoundRobin(_Kernel):
     first deadline after the one last served. Restarting the cycle instead
     would serve the same few backends first after every change, and a
     backend flapping faster than a cycle would starve the rest.
+
+    ``pick_excluding(i)`` keeps ``i``'s share whichever scheduler runs. In
+    the scan, every backend in rotation, ``i`` included, adds its weight to
+    its current weight and to the total, as in a pick; only the choice skips
+    ``i``: the largest current weight among the others wins and loses the
+    total. So ``i`` keeps what it accrued, stays ahead, and is served on a
+    later pick (the one after, if it would have won this one): the sum of
+    current weights stays 0 and each backend's share stays its weight's.
+    Taking ``i`` out of rotation for the pick instead skipped its accrual,
+    so a backend excluded from every tenth pick lost a tenth of its share.
+    Under EDF, the entry served is the earliest due that is not ``i``'s: the
+    heap's top, or, when ``i`` is at the top, the earlier of the top's two
+    children (same exact comparison, same tie rule). That entry moves on to
+    its next deadline and sifts down; ``i`` keeps its deadline and, still at
+    the top, is served by the next pick.
     """
 
     name: ClassVar[str] = "swrr"
@@ -428,12 +489,60 @@ class SmoothWeightedRoundRobin(_Kernel):
         cur[best] -= self._total
         return best
 
+    def pick_excluding(self, i: int, /) -> int:
+        i = _excluded(i, self._n)
+        if not self._rotates(i):
+            return self.pick()
+        if len(self._dense) == 1:
+            return -1
+        if self._edf:
+            heap = self._heap
+            if heap[0] != i:
+                return self.pick()
+            # i is due first: serve the earlier of the top's children instead.
+            h = 2 if len(heap) > 2 and self._before(heap[2], heap[1]) else 1
+            top = heap[h]
+            self._t_num = self._u[top]
+            self._t_den = 2 * self._w[top]
+            self._u[top] += 2
+            self._sift_down(h)
+            self._rebase_if_due()
+            return top
+        cur = self._cur
+        w = self._w
+        best = -1
+        best_cur = 0
+        for j in self._dense:
+            c = cur[j] + w[j]
+            cur[j] = c
+            if j != i and (best < 0 or c > best_cur):
+                best = j
+                best_cur = c
+        cur[best] -= self._total
+        return best
+
 
 class RoundRobin(_Kernel):
     """Plain round robin over the backends in rotation, in index order.
 
     After a change in rotation it carries on with the next backend after the
     last one picked. Weights only take a backend out (0) or keep it in (>0).
+
+    ``pick_excluding(i)`` keeps ``i``'s turn. If ``i`` is not next, it is a
+    plain pick. If it is, the backend whose turn comes after ``i``'s is served
+    now, in place of that turn, and ``i`` stays next: the next pick serves
+    ``i`` and then jumps over the turn already taken. With ``[0, 1, 2]`` and
+    1 next, ``pick_excluding(1)`` gives 2, then ``1, 0, 1, 2``: each pass
+    still serves every backend once, in index order, so shares are kept
+    exactly. Excluding ``i`` again while it is still next takes the turn after
+    that one, and so on; once every other backend's turn of the pass is taken,
+    a further exclusion serves the one after ``i`` as an extra turn. A change
+    in rotation forgets the turns taken early and, as always, carries on after
+    the last backend ``pick()`` served.
+
+    ``pick()`` keeps its cost: where it compared the position it reached
+    with the length of the rotation, to wrap to 0, it compares it with
+    ``_stop`` and goes to ``_resume``: the length and 0, unless a jump is due.
     """
 
     name: ClassVar[str] = "round_robin"
@@ -441,13 +550,17 @@ class RoundRobin(_Kernel):
     def __init__(self, n: int) -> None:
         n = _check_count(operator.index(n))
         self._last = -1
-        self._next = 0
+        self._next = 0  # dense position of the next turn
+        self._stop = 0  # the position at which pick() wraps (the length), or jumps
+        self._resume = 0  # where it lands: 0, or past the turns served early
         super().__init__([1] * n)
         self._rebuild()
 
     def _rebuild(self) -> None:
         super()._rebuild()
         self._next = 0
+        self._stop = len(self._dense)
+        self._resume = 0
         for pos, i in enumerate(self._dense):
             if i > self._last:
                 self._next = pos
@@ -458,11 +571,34 @@ class RoundRobin(_Kernel):
         if not dense:
             return -1
         i = dense[self._next]
-        self._next += 1
-        if self._next == len(dense):
-            self._next = 0
+        nxt = self._next + 1
+        if nxt == self._stop:  # the end (wrap to _resume, 0), or a jump's origin
+            nxt = self._resume
+            self._resume = 0
+            self._stop = len(dense)
+        self._next = nxt
         self._last = i
         return i
+
+    def pick_excluding(self, i: int, /) -> int:
+        i = _excluded(i, self._n)
+        if not self._rotates(i):
+            return self.pick()
+        dense = self._dense
+        m = len(dense)
+        if m == 1:
+            return -1
+        p = self._next
+        if dense[p] != i:
+            return self.pick()
+        # i is next: serve the first turn after it not yet taken, and keep i next.
+        jump_due = self._stop != m or self._resume != 0  # the turns after i's are taken
+        q = self._resume if jump_due else (p + 1 if p + 1 < m else 0)
+        if q == p:  # every other backend's turn is taken: an extra turn for the next one
+            return dense[p + 1 if p + 1 < m else 0]
+        self._resume = q + 1 if q + 1 < m else 0
+        self._stop = p + 1
+        return dense[q]
 
 
 class Random(_SeededKernel):
@@ -471,6 +607,16 @@ class Random(_SeededKernel):
     The weighted draw uses Walker's alias method, built with Vose's integer
     variant on every change so each pick is O(1): one column draw, one
     threshold draw.
+
+    ``pick_excluding(i)`` draws from the distribution conditioned on "not
+    ``i``", so every other backend keeps its share relative to the rest.
+    Uniform: one draw among the ``m - 1`` others (in dense order, skipping
+    ``i``). Weighted: up to ``_REJECT_TRIES`` ordinary picks, the first that
+    is not ``i`` taken (rejection sampling: exact, and one pick unless ``i``
+    is heavy); if all are ``i``, one draw in ``[0, total - weight(i))`` placed
+    by walking the others' weights in dense order, O(n) but exact, so a
+    heavy ``i`` costs at most that. The draws come from the same splitmix64
+    stream as ``pick()``, the same number in both twins.
     """
 
     name: ClassVar[str] = "random"
@@ -521,6 +667,29 @@ class Random(_SeededKernel):
             return dense[col]
         return dense[self._alias[col]]
 
+    def pick_excluding(self, i: int, /) -> int:
+        i = _excluded(i, self._n)
+        if not self._rotates(i):
+            return self.pick()
+        dense = self._dense
+        m = len(dense)
+        if m == 1:
+            return -1
+        if self._uniform:
+            col = self._rng.below(m - 1)
+            return dense[col + (col >= bisect.bisect_left(dense, i))]
+        for _ in range(_REJECT_TRIES):
+            j = self.pick()
+            if j != i:
+                return j
+        r = self._rng.below(self._total - self._w[i])
+        for j in dense:
+            if j != i:
+                if r < self._w[j]:
+                    return j
+                r -= self._w[j]
+        raise AssertionError("unreachable: r < the others' total weight")  # pragma: no cover
+
 
 class LeastRequest(_SeededKernel):
     """Envoy's least_request: fewest in-flight calls wins.
@@ -535,6 +704,14 @@ class LeastRequest(_SeededKernel):
     schedule: a backend that stays keeps its entry, one that joins is due
     one interval after the present. (P2C draws two *distinct* backends, as
     tower does; Envoy draws with replacement.)
+
+    ``pick_excluding(i)`` never picks ``i``. P2C draws its two among the
+    backends in rotation other than ``i`` (the one other, without a draw,
+    when there is only one). EDF serves the earliest entry that is not
+    ``i``'s, as SmoothWeightedRoundRobin's EDF does: when ``i``'s is at the
+    top, the next earliest moves on and ``i`` keeps its deadline, so it is
+    served next. ``peek_two(exclude)`` reads the pair the next
+    ``pick_excluding(exclude)`` compares.
     """
 
     name: ClassVar[str] = "least_request"
@@ -607,17 +784,41 @@ class LeastRequest(_SeededKernel):
         heapq.heapreplace(self._heap, self._entry(i))
         return i
 
-    def peek_two(self) -> tuple[int, int]:
-        """The two backends the next pick compares, drawn from a copy of the generator.
+    def pick_excluding(self, i: int, /) -> int:
+        i = _excluded(i, self._n)
+        if not self._rotates(i):
+            return self.pick()
+        dense = self._dense
+        m = len(dense)
+        if m == 1:
+            return -1
+        if self._equal:
+            p = bisect.bisect_left(dense, i)
+            if m == 2:
+                return dense[1 - p]
+            a, b = self._rng.two_excluding(m, p)
+            ia = dense[a]
+            ib = dense[b]
+            return ib if self._inflight[ib] < self._inflight[ia] else ia
+        heap = self._heap
+        if heap[0][2] != i:
+            return self.pick()
+        # i's entry is due first: set it aside, serve the next, put it back.
+        own = heapq.heappop(heap)
+        j = heap[0][2]
+        self._now = heap[0][0]
+        heapq.heapreplace(heap, self._entry(j))
+        heapq.heappush(heap, own)
+        return j
 
-        ``(-1, -1)`` when the next pick compares no two: fewer than two in
-        rotation, or unequal weights, where the EDF schedule picks.
+    def peek_two(self, exclude: int = -1) -> tuple[int, int]:
+        """The two backends the next pick compares, drawn from a copy of the generator:
+        the next ``pick_excluding(exclude)``'s, or the next ``pick()``'s with no ``exclude``.
+
+        ``(-1, -1)`` when that pick compares no two: fewer than two in rotation
+        besides ``exclude``, or unequal weights, where the EDF schedule picks.
         """
-        m = len(self._dense)
-        if m < 2 or not self._equal:
-            return -1, -1
-        a, b = _Rng(self._rng.state).two(m)
-        return self._dense[a], self._dense[b]
+        return _peek_two(self._dense, self._rng, _excluded(exclude, self._n), self._equal)
 
 
 class PeakEwma(_SeededKernel):
@@ -645,6 +846,11 @@ class PeakEwma(_SeededKernel):
     goes to the lower index (and to the first draw in p2c); two costs equal
     in exact arithmetic may differ there by a rounding, which can break the
     tie either way. Times are integer nanoseconds from a monotonic clock.
+
+    ``pick_excluding(i)`` is the lowest cost over the backends in rotation
+    other than ``i``; ``pick_p2c_excluding(i)`` draws its two among them, as
+    LeastRequest's ``pick_excluding`` does, and ``peek_two(exclude)`` reads
+    that pair. Neither changes anything of ``i``'s.
     """
 
     name: ClassVar[str] = "ewma"
@@ -737,6 +943,18 @@ class PeakEwma(_SeededKernel):
                 best_key = k
         return best
 
+    def pick_excluding(self, i: int, /) -> int:
+        x = _excluded(i, self._n)
+        best = -1
+        best_key = 0.0
+        for j in self._dense:
+            if j != x:
+                k = self._key(j)
+                if best < 0 or k < best_key:
+                    best = j
+                    best_key = k
+        return best
+
     def pick_p2c(self) -> int:
         dense = self._dense
         m = len(dense)
@@ -749,16 +967,29 @@ class PeakEwma(_SeededKernel):
         ib = dense[b]
         return ib if self._key(ib) < self._key(ia) else ia
 
-    def peek_two(self) -> tuple[int, int]:
-        """The two backends the next ``pick_p2c`` compares, drawn from a copy of the generator.
+    def pick_p2c_excluding(self, i: int, /) -> int:
+        i = _excluded(i, self._n)
+        if not self._rotates(i):
+            return self.pick_p2c()
+        dense = self._dense
+        m = len(dense)
+        if m == 1:
+            return -1
+        p = bisect.bisect_left(dense, i)
+        if m == 2:
+            return dense[1 - p]
+        a, b = self._rng.two_excluding(m, p)
+        ia = dense[a]
+        ib = dense[b]
+        return ib if self._key(ib) < self._key(ia) else ia
 
-        ``(-1, -1)`` with fewer than two in rotation.
+    def peek_two(self, exclude: int = -1) -> tuple[int, int]:
+        """The two backends the next ``pick_p2c`` compares, drawn from a copy of the
+        generator: the next ``pick_p2c_excluding(exclude)``'s, with an ``exclude``.
+
+        ``(-1, -1)`` with fewer than two in rotation besides ``exclude``.
         """
-        m = len(self._dense)
-        if m < 2:
-            return -1, -1
-        a, b = _Rng(self._rng.state).two(m)
-        return self._dense[a], self._dense[b]
+        return _peek_two(self._dense, self._rng, _excluded(exclude, self._n), True)
 
     def pick_p2c_many(self, count: int) -> int:
         total = 0
@@ -814,6 +1045,13 @@ class _HashKernel(_SeededKernel):
     was served, for traces. ``pick()`` hashes a splitmix64 draw, so a seeded
     kernel spreads keyless calls reproducibly. ``pick_key_many(keys)`` sums
     the picks of a list of keys, in a C loop in the compiled kernel.
+
+    ``pick_hash_excluding(h, i)`` and ``pick_key_excluding(key, i)`` are a
+    retry's lookup: the walk goes past ``i``'s points or slots exactly as it
+    goes past an ineligible backend's, so the answer is the backend the key
+    would move to if ``i`` went out, and -1 when no backend but ``i`` is
+    eligible. Nothing is toggled, so they are O(1) in ``n`` as a lookup is.
+    ``pick_excluding(i)`` is the same walk from a keyless pick's draw.
     """
 
     def __init__(self, weights: Sequence[int], names: Sequence[bytes], seed: int | None) -> None:
@@ -855,12 +1093,32 @@ class _HashKernel(_SeededKernel):
     def _owner(self, pos: int) -> int:
         raise NotImplementedError
 
+    def _locate_excluding(self, h: int, x: int) -> int:
+        """``_locate``, walking past backend ``x`` as past an ineligible one."""
+        raise NotImplementedError
+
+    def _excluding(self, h: int, x: int) -> int:
+        if x < 0 or not self._elig[x] or self._count[x] == 0:
+            pos = self._locate(h)
+        elif self._live == 1:  # x is the only eligible backend in the structure
+            pos = -1
+        else:
+            pos = self._locate_excluding(h, x)
+        return -1 if pos < 0 else self._owner(pos)
+
     def pick_hash(self, h: int, /) -> int:
         pos = self._locate(_check_hash(h))
         return -1 if pos < 0 else self._owner(pos)
 
+    def pick_hash_excluding(self, h: int, i: int, /) -> int:
+        h = _check_hash(h)
+        return self._excluding(h, _excluded(i, self._n))
+
     def pick_key(self, key: bytes, /) -> int:
         return self.pick_hash(hash64(key))
+
+    def pick_key_excluding(self, key: bytes, i: int, /) -> int:
+        return self.pick_hash_excluding(hash64(key), i)
 
     def pick_key_many(self, keys: Sequence[bytes], /) -> int:
         """Pick for every key in ``keys``; return the sum of the picked indices."""
@@ -875,6 +1133,10 @@ class _HashKernel(_SeededKernel):
     def pick(self) -> int:
         pos = self._locate(self._rng.next())
         return -1 if pos < 0 else self._owner(pos)
+
+    def pick_excluding(self, i: int, /) -> int:
+        x = _excluded(i, self._n)
+        return self._excluding(self._rng.next(), x)
 
     def __repr__(self) -> str:
         return (
@@ -987,6 +1249,18 @@ class RingHash(_HashKernel):
         if pos == size:
             pos = 0
         while not self._elig[self._owners[pos]]:
+            pos += 1
+            if pos == size:
+                pos = 0
+        return pos
+
+    def _locate_excluding(self, h: int, x: int) -> int:
+        owners = self._owners
+        size = len(self._hashes)
+        pos = bisect.bisect_left(self._hashes, h)
+        if pos == size:
+            pos = 0
+        while not self._elig[owners[pos]] or owners[pos] == x:
             pos += 1
             if pos == size:
                 pos = 0
@@ -1107,6 +1381,16 @@ class Maglev(_HashKernel):
         m = self._size
         pos = h % m
         while not self._elig[self._table[pos]]:
+            pos += 1
+            if pos == m:
+                pos = 0
+        return pos
+
+    def _locate_excluding(self, h: int, x: int) -> int:
+        table = self._table
+        m = self._size
+        pos = h % m
+        while not self._elig[table[pos]] or table[pos] == x:
             pos += 1
             if pos == m:
                 pos = 0

@@ -32,6 +32,7 @@ CLASS_NAMES = [
     "Maglev",
 ]
 EWMA_CLASSES = (picking.PeakEwma, _fastpick.PeakEwma)
+LEAST_REQUEST_CLASSES = (picking.LeastRequest, _fastpick.LeastRequest)
 RING_CLASSES = (picking.RingHash, _fastpick.RingHash)
 HASH_CLASSES = (*RING_CLASSES, picking.Maglev, _fastpick.Maglev)
 SEEDED_CLASSES = (

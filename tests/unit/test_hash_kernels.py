@@ -9,6 +9,7 @@ that leaves move.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import random
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import pytest
@@ -511,3 +512,91 @@ def test_set_eligible_keeps_the_structure(impl: Impl, kind: str) -> None:
     k.set_weight(1, 0)
     k.started(0)
     assert repr(k) == f"<{type(k).__name__} {kind} n=3 in-rotation=1 in-flight=1>"
+
+
+# --- Retries: pick_key_excluding walks past an endpoint without toggling it ------
+
+
+def toggled(k: HashKernel, i: int, pick: Callable[[], int]) -> int:
+    """The old way of picking "any endpoint but i": out of rotation, pick, back in."""
+    was = k.is_eligible(i)
+    k.set_eligible(i, False)
+    try:
+        return pick()
+    finally:
+        k.set_eligible(i, was)
+
+
+@pytest.mark.parametrize("kind", HASH_KERNELS)
+@pytest.mark.parametrize("weights", [[1, 2, 3, 4, 2, 1, 3], [1] * 8])
+def test_pick_key_excluding_is_the_old_toggle_and_touches_nothing(
+    impl: Impl, kind: str, weights: list[int]
+) -> None:
+    ns = names(len(weights))
+    k = build(impl, kind, weights, ns, seed=5)
+    twin = build(impl, kind, weights, ns, seed=5)  # gets no excluding calls
+    k.set_eligible(4, False)
+    twin.set_eligible(4, False)
+    keys = KEYS[:2000]
+    hs = [impl.hash64(key) for key in keys]
+    positions = [k.position(h) for h in hs]
+    for i in range(len(weights)):
+        excluded = [k.pick_key_excluding(key, i) for key in keys]
+        assert excluded == [toggled(k, i, functools.partial(k.pick_key, key)) for key in keys]
+        assert [k.pick_hash_excluding(h, i) for h in hs] == excluded
+        if i != 4:
+            assert i not in excluded
+    # Nothing moved: eligibility, the structure, the keyless picks' generator.
+    assert [k.is_eligible(i) for i in range(len(weights))] == [i != 4 for i in range(len(weights))]
+    assert [k.position(h) for h in hs] == positions
+    assert repr(k) == repr(twin)
+    assert picks(k, 100) == picks(twin, 100)
+
+
+@pytest.mark.parametrize("kind", HASH_KERNELS)
+def test_keyless_pick_excluding_is_the_old_toggle(impl: Impl, kind: str) -> None:
+    k = build(impl, kind, [1, 2, 3, 4], names(4), seed=9)
+    twin = build(impl, kind, [1, 2, 3, 4], names(4), seed=9)
+    for r in range(400):
+        i = r % 4
+        assert k.pick_excluding(i) == toggled(twin, i, twin.pick)
+    assert picks(k, 50) == picks(twin, 50)
+
+
+@pytest.mark.parametrize("kind", HASH_KERNELS)
+def test_pick_key_excluding_the_only_endpoint_gives_minus_one(impl: Impl, kind: str) -> None:
+    k = build(impl, kind, [1, 2, 0], names(3))
+    k.set_eligible(0, False)
+    keys = KEYS[:50]
+    assert {k.pick_key_excluding(key, 1) for key in keys} == {-1}
+    assert {k.pick_hash_excluding(h, 1) for h in (0, 2**63, 2**64 - 1)} == {-1}
+    assert set(key_picks(k, keys)) == {1}  # which it stays the endpoint for
+    # Endpoint 2 has weight 0, so no slot or point: excluding it excludes nothing.
+    assert [k.pick_key_excluding(key, 2) for key in keys] == key_picks(k, keys)
+
+
+@pytest.mark.parametrize("kind", HASH_KERNELS)
+@pytest.mark.parametrize("excluded", [-1, 1, 3, 2**64, -(2**70)])
+def test_pick_key_excluding_no_endpoint_in_the_structure_is_pick_key(
+    impl: Impl, kind: str, excluded: int
+) -> None:
+    """-1, an ineligible endpoint (1), or an index out of range."""
+    k = build(impl, kind, [1, 2, 3], names(3))
+    k.set_eligible(1, False)
+    keys = KEYS[:500]
+    assert [k.pick_key_excluding(key, excluded) for key in keys] == key_picks(k, keys)
+
+
+@pytest.mark.parametrize("kind", HASH_KERNELS)
+def test_bad_arguments_to_the_excluding_picks(impl: Impl, kind: str) -> None:
+    k = build(impl, kind, [1, 1], names(2))
+    for bad in ("abc", bytearray(b"abc"), None, 7):
+        with pytest.raises(TypeError):
+            k.pick_key_excluding(bad, 0)  # type: ignore[arg-type]
+    for h in (-1, 2**64):
+        with pytest.raises(OverflowError):
+            k.pick_hash_excluding(h, 0)
+    with pytest.raises(TypeError):
+        k.pick_key_excluding(b"k", 0.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        k.pick_hash_excluding(5, "0")  # type: ignore[arg-type]

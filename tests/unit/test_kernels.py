@@ -786,3 +786,13 @@ def test_swrr_current_weight_is_nginx_current_weight(impl: Impl) -> None:
     edf = impl.SmoothWeightedRoundRobin([5, 1, 1], edf_threshold=2)
     edf.pick()
     assert [edf.current_weight(i) for i in range(3)] == [0, 0, 0]
+
+
+def test_swrr_current_weight_of_an_eligible_backend_of_weight_0(impl: Impl) -> None:
+    """Out of rotation by weight, not eligibility, a backend keeps its own current weight."""
+    k = impl.SmoothWeightedRoundRobin([5, 1, 1, 1])
+    assert picks(k, 2) == [0, 0]  # 5 1 1 1 -> 0: -3 1 1 1 | 2 2 2 2 -> 0: -6 2 2 2
+    k.set_weight(1, 0)  # 1 keeps 2; the total is now 7
+    # -1 2 3 3 -> 2: -1 2 -4 3 | 4 2 -3 4 -> 0: -3 2 -3 4 | 2 2 -2 5 -> 3: 2 2 -2 -2
+    assert picks(k, 3) == [2, 0, 3]
+    assert [k.current_weight(i) for i in range(4)] == [2, 2, -2, -2]

@@ -1,8 +1,8 @@
 """The twins make identical pick sequences, and the compiled API is the twins'.
 
 The parity tests drive ``lbgw.picking`` and ``lbgw._fastpick`` side by side
-through random operations (weights, rotation, load, latency samples) and
-require everything observable to be equal.
+through random operations (weights, rotation, load, latency samples, retries'
+picks that exclude a backend) and require everything observable to be equal.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from tests.unit.kernel_support import (
     CYTHON,
     EWMA_CLASSES,
     HASH_CLASSES,
+    LEAST_REQUEST_CLASSES,
     MAX_WEIGHT,
     MS,
     PYTHON,
@@ -145,6 +146,27 @@ def run(k: Kernel, ops: Sequence[Op]) -> list[object]:
             assert isinstance(k, HASH_CLASSES)
             h = (a * 0x9E3779B97F4A7C15 + b) % 2**64
             out.append((k.pick_hash(h), k.position(h)))
+        # The retries' picks: i is any backend, or -1 or n (excluding none).
+        elif kind == "exclude":
+            out.append([k.pick_excluding(i) for _ in range(a)])
+        elif kind == "retry":  # a call's pick, then its retries', each excluding the last
+            tried = [k.pick()]
+            for _ in range(a):
+                tried.append(k.pick_excluding(tried[-1]))
+            out.append(tried)
+        elif kind == "p2c_exclude":
+            assert isinstance(k, EWMA_CLASSES)
+            out.append([k.pick_p2c_excluding(i) for _ in range(a)])
+        elif kind == "peek":
+            assert isinstance(k, (*EWMA_CLASSES, *LEAST_REQUEST_CLASSES))
+            out.append((k.peek_two(i), k.peek_two()))
+        elif kind == "keys_exclude":
+            assert isinstance(k, HASH_CLASSES)
+            keys = [b"key-%d-%d" % (b, j) for j in range(a)]
+            out.append([k.pick_key_excluding(key, i) for key in keys])
+        elif kind == "hash_exclude":
+            assert isinstance(k, HASH_CLASSES)
+            out.append(k.pick_hash_excluding((a * 0x9E3779B97F4A7C15 + b) % 2**64, i))
         else:  # pragma: no cover
             raise AssertionError(kind)
     out.append([(k.weight(i), k.is_eligible(i), k.in_flight(i)) for i in range(k.n)])
@@ -159,21 +181,29 @@ weights_st = st.one_of(
 
 def op_st(kernel: str, n: int) -> st.SearchStrategy[Op]:
     count = st.integers(0, 64)
+    excluded = st.integers(-1, n)  # -1 and n exclude no backend
     ops: list[st.SearchStrategy[Op]] = [
         st.tuples(st.just("pick"), st.just(0), count, st.just(0)),
         st.tuples(st.just("pick_many"), st.just(0), count, st.just(0)),
+        st.tuples(st.just("exclude"), excluded, count, st.just(0)),
+        st.tuples(st.just("retry"), st.just(0), st.integers(0, 3), st.just(0)),
     ]
     if kernel == "ewma":
         ops += [
             st.tuples(st.just("p2c"), st.just(0), count, st.just(0)),
             st.tuples(st.just("p2c_many"), st.just(0), count, st.just(0)),
+            st.tuples(st.just("p2c_exclude"), excluded, count, st.just(0)),
         ]
+    if kernel.startswith(("least_request", "ewma")):
+        ops.append(st.tuples(st.just("peek"), excluded, st.just(0), st.just(0)))
     if kernel.startswith(("random", "least_request", "ewma", *HASHING)):
         ops.append(st.tuples(st.just("seed"), st.just(0), st.integers(0, 2**64 - 1), st.just(0)))
     if kernel in HASHING:
         ops += [
             st.tuples(st.just("keys"), st.just(0), count, st.integers(0, 2**32)),
             st.tuples(st.just("hash"), st.just(0), st.integers(0, 2**64), st.integers(0, 2**64)),
+            st.tuples(st.just("keys_exclude"), excluded, count, st.integers(0, 2**32)),
+            st.tuples(st.just("hash_exclude"), excluded, st.integers(0, 2**64), st.just(0)),
         ]
     if n:
         i = st.integers(0, n - 1)
@@ -232,20 +262,25 @@ def test_twins_make_identical_picks(variant: str, data: st.DataObject) -> None:
 def random_ops(rng: random.Random, kernel: str, n: int, count: int) -> list[Op]:
     """A long run of operations, mostly picks, for the seeded soak below."""
     kinds = ["pick"] * 6 + ["pick_many", "eligible", "weight", "started", "finished", "observe"]
+    kinds += ["exclude"] * 3 + ["retry"] * 3
     if kernel == "ewma":
-        kinds += ["p2c", "p2c", "p2c_many", "cost"]
+        kinds += ["p2c", "p2c", "p2c_many", "cost", "p2c_exclude", "p2c_exclude"]
+    if kernel.startswith(("least_request", "ewma")):
+        kinds.append("peek")
     if kernel in HASHING:
-        kinds += ["keys"] * 4 + ["hash"] * 2
+        kinds += ["keys"] * 4 + ["hash"] * 2 + ["keys_exclude"] * 2 + ["hash_exclude"]
     ops: list[Op] = []
     for _ in range(count):
         kind = rng.choice(kinds)
-        i = rng.randrange(n)
+        i = rng.randrange(-1, n + 1) if "exclude" in kind or kind == "peek" else rng.randrange(n)
         if kind == "weight":
             a = rng.choice([0, 1, 2, 3, 5, 8, rng.randrange(MAX_WEIGHT + 1)])
         elif kind == "eligible":
             a = int(rng.random() < 0.7)
         elif kind == "observe":
             a = int(rng.expovariate(1 / (5 * MS)))
+        elif kind == "retry":
+            a = rng.randrange(1, 4)
         elif kind == "hash":
             a = rng.getrandbits(64)
         else:
