@@ -986,6 +986,36 @@ cdef class PeakEwma(_SeededKernel):
                 decay = exp(-(<double>age / self._tau))
         return self._ewma[i] * decay * <double>(self._inflight[i] + 1) / <double>self._w[i]
 
+    def estimate(self, index, int64_t now_ns):
+        """The latency estimate of ``index``, ns, decayed to ``now_ns``: ``cost`` before load.
+
+        With ``restore_estimate``, it carries an estimate over to a kernel
+        rebuilt for a changed backend set, which the indices do not survive.
+        """
+        cdef Py_ssize_t i = self._index(index)
+        cdef double decay = 1.0
+        cdef int64_t age
+        if self._has_t0:
+            age = now_ns - self._t0 - self._last[i]
+            if age > 0:
+                decay = exp(-(<double>age / self._tau))
+        return self._ewma[i] * decay
+
+    def restore_estimate(self, index, double ewma_ns, int64_t now_ns):
+        """Set the estimate of ``index`` to ``ewma_ns`` as of ``now_ns`` (from ``estimate``)."""
+        cdef Py_ssize_t i = self._index(index)
+        if not self._has_t0:
+            self._t0 = now_ns
+            self._has_t0 = True
+        cdef int64_t now = now_ns - self._t0
+        if now < 0:
+            now = 0
+        self._ewma[i] = ewma_ns if ewma_ns >= 1.0 else 1.0
+        self._last[i] = now
+        if now > self._latest:
+            self._latest = now
+        self._rescore(i)
+
     cdef int _pick(self) noexcept nogil:
         cdef Py_ssize_t m = self._m, j
         cdef int32_t i, best

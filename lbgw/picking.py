@@ -930,6 +930,31 @@ class PeakEwma(_SeededKernel):
                 decay = math.exp(-(age / self._tau))
         return self._ewma[i] * decay * (self._inflight[i] + 1) / w
 
+    def estimate(self, i: int, /, now_ns: int) -> float:
+        """The latency estimate of ``i``, ns, decayed to ``now_ns``: ``cost`` before load.
+
+        With ``restore_estimate``, it carries an estimate over to a kernel
+        rebuilt for a changed backend set, which the indices do not survive.
+        """
+        i = _check_index(i, self._n)
+        decay = 1.0
+        if self._t0 is not None:
+            age = now_ns - self._t0 - self._last[i]
+            if age > 0:
+                decay = math.exp(-(age / self._tau))
+        return self._ewma[i] * decay
+
+    def restore_estimate(self, i: int, /, ewma_ns: float, now_ns: int) -> None:
+        """Set the estimate of ``i`` to ``ewma_ns`` as of ``now_ns`` (from ``estimate``)."""
+        i = _check_index(i, self._n)
+        if self._t0 is None:
+            self._t0 = now_ns
+        now = max(0, now_ns - self._t0)
+        self._ewma[i] = max(float(ewma_ns), 1.0)
+        self._last[i] = now
+        self._latest = max(self._latest, now)
+        self._rescore(i)
+
     def _key(self, i: int) -> float:
         return self._score[i] + _log1k(self._inflight[i])
 
