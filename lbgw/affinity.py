@@ -30,11 +30,12 @@ import base64
 import hashlib
 import hmac
 import urllib.parse
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Final
 
 from lbgw.balancer import Balancer
 from lbgw.config import ClusterConfig
+from lbgw.endpoints import Endpoint
 
 __all__ = ["Affinity", "Sticky", "peer_host"]
 
@@ -56,29 +57,40 @@ def peer_host(peer: str) -> str:
 
 
 class Sticky:
-    """Issues and reads sticky-session tokens for one cluster's endpoints."""
+    """Issues and reads sticky-session tokens for one cluster's endpoints.
 
-    __slots__ = ("_index", "_tokens", "key")
+    Each endpoint's token is its own (``Endpoint.token``), made once when it
+    joins; ``rebuild`` follows a changed endpoint set, so a token for an
+    endpoint that has left names nothing and leads to a new pick.
+    """
 
-    def __init__(self, cluster: str, addresses: Sequence[str], key: str, secret: bytes) -> None:
+    __slots__ = ("_cluster", "_index", "_secret", "key")
+
+    def __init__(self, cluster: str, key: str, secret: bytes) -> None:
         self.key = key
-        self._tokens = [_sign(secret, cluster, address) for address in addresses]
-        self._index = {token: i for i, token in enumerate(self._tokens)}
+        self._cluster = cluster
+        self._secret = secret
+        self._index: dict[str, Endpoint] = {}
 
     def __repr__(self) -> str:
-        return f"<Sticky key={self.key!r} endpoints={len(self._tokens)}>"
+        return f"<Sticky key={self.key!r} endpoints={len(self._index)}>"
 
-    def token(self, i: int) -> tuple[str, str]:
-        """The metadata entry that pins a client to endpoint ``i``."""
-        return self.key, self._tokens[i]
+    def rebuild(self, endpoints: Iterable[Endpoint]) -> None:
+        """Give each endpoint its token, and read tokens for these endpoints only."""
+        index = {}
+        for e in endpoints:
+            if e.token is None:
+                e.token = (self.key, _sign(self._secret, self._cluster, e.address))
+            index[e.token[1]] = e
+        self._index = index
 
-    def endpoint(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> int:
-        """The endpoint the call's token names, or -1 (no token, or not one of ours)."""
+    def endpoint(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Endpoint | None:
+        """The endpoint the call's token names, or None (no token, or not one of ours)."""
         key = self.key
         for k, v in metadata or ():
             if k == key:
-                return self._index.get(v, -1) if isinstance(v, str) else -1
-        return -1
+                return self._index.get(v) if isinstance(v, str) else None
+        return None
 
 
 def _sign(secret: bytes, cluster: str, address: str) -> str:
@@ -88,7 +100,12 @@ def _sign(secret: bytes, cluster: str, address: str) -> str:
 
 
 class Affinity:
-    """Pins a call by its sticky token, then its hash key, else leaves it to the strategy."""
+    """A call's sticky token and hash key: what pins it, before the strategy picks.
+
+    ``Cluster.pick`` asks, in this order: the endpoint the sticky token
+    names (``pinned``), then the endpoint the hash key leads to (``key``,
+    looked up by the balancer), else the strategy's kernel.
+    """
 
     __slots__ = ("balancer", "hash_key", "hash_on", "sticky")
 
@@ -98,14 +115,18 @@ class Affinity:
         self.hash_on = config.params.hash_on if hashing else ""
         self.hash_key = config.params.hash_key
         self.sticky = (
-            Sticky(config.name, balancer.addresses, config.sticky.key, secret)
-            if config.sticky.enabled
-            else None
+            Sticky(config.name, config.sticky.key, secret) if config.sticky.enabled else None
         )
+        self.rebuild()
 
     def __repr__(self) -> str:
         on = f"{self.hash_on}:{self.hash_key}" if self.hash_on == "metadata" else self.hash_on
         return f"<Affinity hash={on or '-'} sticky={self.sticky is not None}>"
+
+    def rebuild(self) -> None:
+        """Follow the balancer's endpoint set (``Cluster.update``)."""
+        if self.sticky is not None:
+            self.sticky.rebuild(self.balancer.endpoints)
 
     def key(
         self, metadata: Iterable[tuple[str, str | bytes]] | None, peer: str, method: str
@@ -124,57 +145,19 @@ class Affinity:
             return method.encode()
         return None
 
-    def pinned(self, metadata: Iterable[tuple[str, str | bytes]] | None, exclude: int) -> int:
-        """The endpoint the call's sticky token names, if it is in rotation; else -1."""
-        if self.sticky is None:
-            return -1
-        i = self.sticky.endpoint(metadata)
-        if i < 0 or i == exclude or not self.balancer.is_eligible(i):
-            return -1
-        return i
+    def token(
+        self, metadata: Iterable[tuple[str, str | bytes]] | None
+    ) -> tuple[Endpoint | None, bool]:
+        """The endpoint the call's sticky token pins it to, if that one is in rotation.
 
-    def pick(
-        self,
-        metadata: Iterable[tuple[str, str | bytes]] | None,
-        peer: str,
-        method: str,
-        exclude: int = -1,
-    ) -> int:
-        """The endpoint for the call (never ``exclude``, for a retry); counts it as started.
-
-        Raises ``NoEligibleEndpointError`` as ``Balancer.pick`` does.
+        Also whether the call carried a token of ours at all: one whose
+        endpoint is out of rotation leads to a new pick, and a trace says so.
         """
-        balancer = self.balancer
-        i = self.pinned(metadata, exclude)
-        if i >= 0:
-            balancer.kernel.started(i)
-            return i
-        key = self.key(metadata, peer, method)
-        if key is not None:
-            return balancer.pick_key(key, exclude)
-        return balancer.pick() if exclude < 0 else balancer.pick_other(exclude)
-
-    def explain(
-        self,
-        metadata: Iterable[tuple[str, str | bytes]] | None,
-        peer: str,
-        method: str,
-        exclude: int = -1,
-    ) -> dict[str, str | int]:
-        """For a trace, before the pick: the key and ring position, or why there is none."""
-        if self.pinned(metadata, exclude) >= 0:
-            return {"fallback": "", "pinned": "sticky token"}
-        out: dict[str, str | int] = {}
-        if self.sticky is not None and self.sticky.endpoint(metadata) >= 0:
-            out["fallback"] = "sticky endpoint out of rotation"
-        if not self.hash_on:
-            return out
-        key = self.key(metadata, peer, method)
-        if key is None:
-            out["fallback"] = (
-                f"no hash key ({self.hash_key or self.hash_on}): {self.balancer.fallback}"
-            )
-            return out
-        out["hash_key"] = key.decode("utf-8", "backslashreplace")
-        out["ring_position"] = self.balancer.position(key)
-        return out
+        if self.sticky is None:
+            return None, False
+        e = self.sticky.endpoint(metadata)
+        if e is None:
+            return None, False
+        if e.index < 0 or not self.balancer.is_eligible(e.index):
+            return None, True
+        return e, True

@@ -47,21 +47,27 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from collections.abc import Callable
-from typing import Any, Final, Protocol
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import grpc
 
-from lbgw.balancer import Balancer
 from lbgw.config import ClusterConfig
 from lbgw.exceptions import IllegalTransitionError
 from lbgw.logs import fields
+
+if TYPE_CHECKING:
+    from lbgw.backends import Backend
+    from lbgw.balancer import Balancer
+    from lbgw.decision import Decision
 
 __all__ = [
     "ELIGIBLE",
     "TRANSITIONS",
     "ClusterHealth",
+    "Endpoint",
     "Event",
+    "Leaving",
     "State",
     "transition",
 ]
@@ -127,37 +133,92 @@ class Timer(Protocol):
 CallLater = Callable[[float, Callable[[], None]], Timer]
 
 
-class _Endpoint:
+class Endpoint:
+    """One endpoint of a cluster: the one object that every part of lbgw keeps for it.
+
+    It holds what the endpoint is (``address``, ``weight``), what lbgw has for
+    it (``backend``, its channel; ``calls``, the raw-bytes multicallables per
+    method; ``token``, its sticky-session metadata entry), its health (the
+    state and the counters ``ClusterHealth`` keeps) and where the kernels have
+    it: ``index``, set by ``Balancer.rebuild``, or -1 once it has left the
+    cluster (``Cluster.update``) while its last calls end. Nothing outside
+    the kernels lines endpoints up by index: a call keeps the object.
+    """
+
     __slots__ = (
         "address",
+        "backend",
+        "calls",
+        "decision",
         "ejected_at",
         "ejections",
         "failed_checks",
+        "failures",
         "index",
+        "leaving",
         "passed_checks",
         "ramp_from",
         "refusal_logged",
         "reinstated_at",
+        "share",
         "state",
         "timer",
+        "token",
+        "weight",
     )
 
-    def __init__(self, index: int, address: str) -> None:
-        self.index = index
+    def __init__(self, address: str, weight: int = 1, backend: Backend | None = None) -> None:
         self.address = address
+        self.weight = weight
+        self.backend = backend
+        self.index = -1
+        #: Method -> the multicallable that forwards it on ``backend`` (``proxy.py``).
+        self.calls: dict[str, Any] = {}
+        #: The ``Decision`` of an unexplained pick of this endpoint, made once (``Balancer``).
+        self.decision: Decision | None = None
+        self.token: tuple[str, str] | None = None  # the sticky token's metadata entry
+        self.share = 1.0  # slow start: the share of ``weight`` in force
         self.state = State.UNKNOWN
         self.passed_checks = 0
         self.failed_checks = 0
+        self.failures = 0  # consecutive failed calls (passive ejection), touched per call
         self.ejections = 0  # the multiplier of the ejection time
         self.ejected_at = -math.inf
         self.reinstated_at = -math.inf
         self.ramp_from: float | None = None  # slow start: when it came back
         self.refusal_logged = False  # "ejection refused" said since it last succeeded
         self.timer: Timer | None = None  # the end of its ejection
+        #: Once removed from its cluster: its calls still in flight, and the
+        #: callback that runs when the last one ends (``Cluster.update``).
+        self.leaving: Leaving | None = None
+
+    def __repr__(self) -> str:
+        where = f"#{self.index}" if self.index >= 0 else "removed"
+        return f"<Endpoint {self.address} w={self.weight} {self.state.value} {where}>"
+
+
+class Leaving:
+    """A removed endpoint's calls still in flight, and what to do when none is left."""
+
+    __slots__ = ("active", "on_idle")
+
+    def __init__(self, active: int, on_idle: Callable[[], None]) -> None:
+        self.active = active
+        self.on_idle = on_idle
+
+    def done(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self.on_idle()
 
 
 class ClusterHealth:
-    """The health of one cluster's endpoints, applied to its balancer."""
+    """The health of one cluster's endpoints, applied to its balancer.
+
+    It reads the endpoints from the balancer (``balancer.endpoints``), so an
+    endpoint set that changes (``Cluster.update``) needs only ``leave`` for
+    the endpoints that go and ``rebuilt`` once the balancer has the new set.
+    """
 
     def __init__(
         self,
@@ -175,9 +236,6 @@ class ClusterHealth:
         self._panic_threshold = config.panic_threshold
         self._clock = clock
         self._call_later = call_later
-        self._endpoints = [_Endpoint(i, e.address) for i, e in enumerate(config.endpoints)]
-        #: Consecutive failed calls per endpoint: a plain list, touched per call.
-        self._failures = [0] * len(self._endpoints)
         self._failure_codes = frozenset(self._outlier.failure_codes)
         self._ramp_timer: Timer | None = None
         self._listeners: list[Callable[[ClusterHealth], None]] = []
@@ -187,18 +245,20 @@ class ClusterHealth:
 
     def __repr__(self) -> str:
         counts: dict[str, int] = {}
-        for e in self._endpoints:
+        for e in self.endpoints:
             counts[e.state.value] = counts.get(e.state.value, 0) + 1
         states = ", ".join(f"{n} {s}" for s, n in counts.items())
         return f"<ClusterHealth {self.name} [{states}]{' PANIC' if self.panic else ''}>"
 
     # -- what others read --------------------------------------------------
 
-    def state(self, i: int) -> State:
-        return self._endpoints[i].state
+    @property
+    def endpoints(self) -> Sequence[Endpoint]:
+        """The cluster's endpoints, in the balancer's order."""
+        return self.balancer.endpoints
 
     def states(self) -> list[State]:
-        return [e.state for e in self._endpoints]
+        return [e.state for e in self.endpoints]
 
     def on_change(self, listener: Callable[[ClusterHealth], None]) -> None:
         """Call ``listener(self)`` after every change of rotation."""
@@ -206,13 +266,14 @@ class ClusterHealth:
 
     # -- active checks -----------------------------------------------------
 
-    def check_passed(self, i: int, reason: str = "check passed", *, explicit: bool = False) -> None:
+    def check_passed(
+        self, e: Endpoint, reason: str = "check passed", *, explicit: bool = False
+    ) -> None:
         """A passed check; ``explicit`` when a ``Watch`` stream said SERVING.
 
         A ``Watch`` sends a status only when it changes, so there is no run
         of passes to count: its SERVING brings the endpoint back at once.
         """
-        e = self._endpoints[i]
         e.failed_checks = 0
         e.passed_checks += 1
         if e.state is State.DRAINING:
@@ -224,9 +285,8 @@ class ClusterHealth:
         ):
             self._apply(e, Event.HEALTHY, reason)
 
-    def check_failed(self, i: int, reason: str, *, explicit: bool = False) -> None:
+    def check_failed(self, e: Endpoint, reason: str, *, explicit: bool = False) -> None:
         """A failed check; ``explicit`` when the endpoint itself said it is not serving."""
-        e = self._endpoints[i]
         e.passed_checks = 0
         e.failed_checks += 1
         if e.state in (State.DRAINING, State.NOT_SERVING):
@@ -238,39 +298,39 @@ class ClusterHealth:
         ):
             self._apply(e, Event.UNHEALTHY, reason)
 
-    def healthy_without_checks(self) -> None:
-        """Health checking is off: every endpoint is SERVING from the start."""
-        for e in self._endpoints:
+    def healthy_without_checks(self, endpoints: Sequence[Endpoint] | None = None) -> None:
+        """Health checking is off: every endpoint (or each of ``endpoints``) is SERVING."""
+        for e in self.endpoints if endpoints is None else endpoints:
             if e.state is State.UNKNOWN:
                 self._apply(e, Event.HEALTHY, "health checking is off")
 
     # -- passive ejection (on the request path: keep it cheap) --------------
 
-    def succeeded(self, i: int) -> None:
-        """A call on ``i`` ended without a failure code."""
-        if self._failures[i]:
-            self._failures[i] = 0
-            self._endpoints[i].refusal_logged = False
+    def succeeded(self, e: Endpoint) -> None:
+        """A call on ``e`` ended without a failure code."""
+        if e.failures:
+            e.failures = 0
+            e.refusal_logged = False
 
-    def failed(self, i: int, code: grpc.StatusCode) -> None:
-        """A call on ``i`` ended with ``code``; consecutive failures eject it."""
+    def failed(self, e: Endpoint, code: grpc.StatusCode) -> None:
+        """A call on ``e`` ended with ``code``; consecutive failures eject it."""
         if code not in self._failure_codes:
-            self.succeeded(i)
+            self.succeeded(e)
             return
-        self._failures[i] += 1
+        e.failures += 1
         limit = self._outlier.consecutive_failures
-        if limit and self._failures[i] >= limit:
-            e = self._endpoints[i]
+        if limit and e.failures >= limit:
             self._eject(e, f"{limit} consecutive {code.name}")
             if e.state is State.EJECTED:
-                self._failures[i] = 0  # else the streak goes on, and is said once
+                e.failures = 0  # else the streak goes on, and is said once
 
-    def _eject(self, e: _Endpoint, reason: str) -> None:
+    def _eject(self, e: Endpoint, reason: str) -> None:
         if e.state not in ELIGIBLE:
             return  # already out (calls that started before it left are still ending)
-        ejected = sum(x.state is State.EJECTED for x in self._endpoints)
-        cap = max(1, math.floor(len(self._endpoints) * self._outlier.max_ejection_percent / 100))
-        others = sum(x.state in ELIGIBLE for x in self._endpoints if x is not e)
+        endpoints = self.endpoints
+        ejected = sum(x.state is State.EJECTED for x in endpoints)
+        cap = max(1, math.floor(len(endpoints) * self._outlier.max_ejection_percent / 100))
+        others = sum(x.state in ELIGIBLE for x in endpoints if x is not e)
         if ejected >= cap or not others:
             # Refused: over the cap, or it is the last endpoint in rotation, and an
             # empty cluster serves nobody. Said once per endpoint until it recovers.
@@ -299,25 +359,33 @@ class ClusterHealth:
         self._apply(e, Event.EJECT, f"{reason}; ejected for {duration:g}s")
         e.timer = self._call_later(duration, lambda: self._ejection_over(e))
 
-    def _ejection_over(self, e: _Endpoint) -> None:
+    def _ejection_over(self, e: Endpoint) -> None:
         e.timer = None
         if e.state is State.EJECTED:
             self._apply(e, Event.EJECTION_ENDED, "ejection time over")
 
-    # -- drain -------------------------------------------------------------
+    # -- drain, and a changing endpoint set -----------------------------------
 
     def drain(self) -> None:
         """Take every endpoint out for good: the gateway is shutting down."""
         self._draining = True  # no panic over endpoints that are merely draining
-        for e in self._endpoints:
+        for e in self.endpoints:
             self._apply(e, Event.DRAIN, "gateway draining")
         if self._ramp_timer is not None:
             self._ramp_timer.cancel()
             self._ramp_timer = None
 
+    def leave(self, e: Endpoint, reason: str) -> None:
+        """``e`` leaves the cluster (``Cluster.update``): out of rotation at once, for good."""
+        self._apply(e, Event.DRAIN, reason)
+
+    def rebuilt(self) -> None:
+        """The balancer has a new endpoint set: push every endpoint's rotation to it."""
+        self._sync()
+
     # -- the transitions and what follows from them -------------------------
 
-    def _apply(self, e: _Endpoint, event: Event, reason: str) -> None:
+    def _apply(self, e: Endpoint, event: Event, reason: str) -> None:
         old = e.state
         new = transition(old, event)
         if new is old:
@@ -325,11 +393,11 @@ class ClusterHealth:
         e.state = new
         if old is State.EJECTED:
             e.reinstated_at = self._clock()
-            if e.timer is not None:
-                e.timer.cancel()
-                e.timer = None
+        if e.timer is not None and new is not State.EJECTED:
+            e.timer.cancel()
+            e.timer = None
         if new in ELIGIBLE:
-            self._failures[e.index] = 0
+            e.failures = 0
             if old in (State.NOT_SERVING, State.EJECTED) and self._slow.window > 0:
                 e.ramp_from = self._clock()
         else:
@@ -349,7 +417,7 @@ class ClusterHealth:
 
     def _sync(self) -> None:
         """Push rotation and slow-start shares to the balancer; tell the listeners."""
-        endpoints = self._endpoints
+        endpoints = self.endpoints
         healthy = sum(e.state in ELIGIBLE for e in endpoints)
         panic = healthy * 100 < self._panic_threshold * len(endpoints) and not self._draining
         if panic != self.panic:
@@ -382,7 +450,7 @@ class ClusterHealth:
         window = self._slow.window
         floor = self._slow.min_weight_percent / 100
         ramping = False
-        for e in self._endpoints:
+        for e in self.endpoints:
             share = 1.0
             if e.ramp_from is not None:
                 t = now - e.ramp_from
@@ -391,7 +459,7 @@ class ClusterHealth:
                 else:
                     share = max(floor, (t / window) ** (1 / self._slow.aggression))
                     ramping = True
-            self.balancer.set_share(e.index, share)
+            self.balancer.set_share(e, share)
         if ramping and self._ramp_timer is None:
             self._ramp_timer = self._call_later(window / 10, self._ramp_step)
 
@@ -399,7 +467,7 @@ class ClusterHealth:
         self._ramp_timer = None
         self._ramp()
 
-    def skipped(self, exclude: int = -1) -> list[tuple[str, str]]:
+    def skipped(self, exclude: Endpoint | None = None) -> list[tuple[str, str]]:
         """The endpoints a pick now leaves out, and why, for traces.
 
         The reason is the endpoint's state (``not_serving``, ``ejected``,
@@ -408,7 +476,7 @@ class ClusterHealth:
         """
         balancer = self.balancer
         return [
-            (e.address, "tried" if e.index == exclude else e.state.value)
-            for e in self._endpoints
-            if e.index == exclude or not balancer.is_eligible(e.index)
+            (e.address, "tried" if e is exclude else e.state.value)
+            for e in self.endpoints
+            if e is exclude or not balancer.is_eligible(e.index)
         ]

@@ -80,6 +80,8 @@ class NoEligibleEndpointError(GatewayError):
 
     def __init__(self, cluster: str) -> None:
         self.cluster = cluster
+        #: For an explained pick: the endpoints that were out, and why (for its trace).
+        self.skipped: tuple[tuple[str, str], ...] = ()
         super().__init__(f"lbgw: no endpoint of cluster {cluster!r} is healthy")
 
 

@@ -34,16 +34,15 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lbgw.backends import Backend
 from lbgw.config import HealthCheckConfig, parse_address
-from lbgw.endpoints import ClusterHealth
+from lbgw.endpoints import ClusterHealth, Endpoint
 from lbgw.logs import fields
 from lbgw.telemetry import Telemetry, end_span
 
@@ -62,36 +61,47 @@ _END: Final = -1  # in a Watch's queue: end the stream
 
 
 class HealthChecker:
-    """The active checks of one cluster: one task per endpoint."""
+    """The active checks of one cluster: one task per endpoint, for as long as it is in."""
 
     def __init__(
         self,
         health: ClusterHealth,
-        backends: Sequence[Backend],
         config: HealthCheckConfig,
         telemetry: Telemetry | None = None,
     ) -> None:
         self.health = health
         self.telemetry = telemetry
-        self.backends = tuple(backends)
         self.config = config
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[Endpoint, asyncio.Task[None]] = {}
         self._random = random.Random()
-        self._told_unimplemented: set[int] = set()
+        self._told_unimplemented: set[Endpoint] = set()
 
     def __repr__(self) -> str:
         return f"<HealthChecker {self.health.name} {self.config.mode} tasks={len(self._tasks)}>"
 
     def start(self) -> None:
+        """Check every endpoint of the cluster."""
+        for e in self.health.endpoints:
+            self.add(e)
+
+    def add(self, e: Endpoint) -> None:
+        """Check ``e`` from now on (it has joined the cluster)."""
         if self.config.mode == "none":
-            self.health.healthy_without_checks()
+            self.health.healthy_without_checks([e])
             return
-        for i in range(len(self.backends)):
-            task = asyncio.create_task(self._run(i), name=f"health {self.backends[i].address}")
-            self._tasks.append(task)
+        if e not in self._tasks:
+            self._tasks[e] = asyncio.create_task(self._run(e), name=f"health {e.address}")
+
+    def remove(self, e: Endpoint) -> None:
+        """Stop checking ``e`` (it has left the cluster)."""
+        task = self._tasks.pop(e, None)
+        if task is not None:
+            task.cancel()
+        self._told_unimplemented.discard(e)
 
     async def stop(self) -> None:
-        tasks, self._tasks = self._tasks, []
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -100,28 +110,28 @@ class HealthChecker:
         interval = self.config.interval
         await asyncio.sleep(interval * (1 + self._random.uniform(0, self.config.jitter)))
 
-    async def _run(self, i: int) -> None:
+    async def _run(self, e: Endpoint) -> None:
         watch = self.config.mode == "grpc" and self.config.rpc == "watch"
         while True:
             try:
                 if watch:
-                    watch = await self._watch(i)
+                    watch = await self._watch(e)
                 elif self.config.mode == "grpc":
-                    await self._check(i)
+                    await self._check(e)
                 else:
-                    await self._tcp(i)
+                    await self._tcp(e)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a check must never end its task
                 log.exception("health check failed unexpectedly")
-                self.health.check_failed(i, f"health check error: {exc!r}")
+                self.health.check_failed(e, f"health check error: {exc!r}")
             await self._pause()
 
-    def _unimplemented(self, i: int, rpc: str) -> None:
-        address = self.backends[i].address
+    def _unimplemented(self, e: Endpoint, rpc: str) -> None:
+        address = e.address
         healthy = self.config.unimplemented == "healthy"
-        if i not in self._told_unimplemented:
-            self._told_unimplemented.add(i)
+        if e not in self._told_unimplemented:
+            self._told_unimplemented.add(e)
             log.warning(
                 "no health service",
                 extra=fields(
@@ -132,26 +142,26 @@ class HealthChecker:
                 ),
             )
         if healthy:
-            self.health.check_passed(i, "no health service (UNIMPLEMENTED): counted as healthy")
+            self.health.check_passed(e, "no health service (UNIMPLEMENTED): counted as healthy")
         else:
-            self.health.check_failed(i, "no health service (UNIMPLEMENTED)")
+            self.health.check_failed(e, "no health service (UNIMPLEMENTED)")
 
-    def _status(self, i: int, status: int, *, watched: bool = False) -> None:
+    def _status(self, e: Endpoint, status: int, *, watched: bool = False) -> None:
         if status == _SERVING:
-            self.health.check_passed(i, "SERVING", explicit=watched)
+            self.health.check_passed(e, "SERVING", explicit=watched)
         else:
             name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
-            self.health.check_failed(i, name, explicit=True)
+            self.health.check_failed(e, name, explicit=True)
 
     def _request(self) -> health_pb2.HealthCheckRequest:
         return health_pb2.HealthCheckRequest(service=self.config.service)
 
-    async def _check(self, i: int) -> None:
-        address = self.backends[i].address
+    async def _check(self, e: Endpoint) -> None:
+        address = e.address
         span = None
         if self.telemetry is not None and self.telemetry.health_checks:
             span = self.telemetry.health_check_span(address)
-        stub = health_pb2_grpc.HealthStub(self.backends[i].channel)
+        stub = health_pb2_grpc.HealthStub(_channel(e))
         code = grpc.StatusCode.CANCELLED
         details: str | None = "health check stopped"
         try:
@@ -160,51 +170,56 @@ class HealthChecker:
         except aio.AioRpcError as error:
             code, details = error.code(), error.details()
             if code is grpc.StatusCode.UNIMPLEMENTED:
-                self._unimplemented(i, "Check")
+                self._unimplemented(e, "Check")
             elif code is grpc.StatusCode.NOT_FOUND:  # the server does not know the service
-                self.health.check_failed(i, "SERVICE_UNKNOWN", explicit=True)
+                self.health.check_failed(e, "SERVICE_UNKNOWN", explicit=True)
             else:
-                self.health.check_failed(i, f"Check failed: {code.name} {details or ''}")
+                self.health.check_failed(e, f"Check failed: {code.name} {details or ''}")
             return
         finally:
             if span is not None:
                 end_span(span, code, details)
-        self._status(i, response.status)
+        self._status(e, response.status)
 
-    async def _watch(self, i: int) -> bool:
+    async def _watch(self, e: Endpoint) -> bool:
         """Follow a Watch stream until it ends; False when Watch is unimplemented."""
-        stub = health_pb2_grpc.HealthStub(self.backends[i].channel)
+        stub = health_pb2_grpc.HealthStub(_channel(e))
         call = stub.Watch(self._request())
         try:
             async for response in _responses(call):
-                self._status(i, response.status, watched=True)
+                self._status(e, response.status, watched=True)
         except aio.AioRpcError as error:
             code = error.code()
             if code is grpc.StatusCode.UNIMPLEMENTED:
                 log.info(
                     "health Watch unimplemented, polling Check",
-                    extra=fields(cluster=self.health.name, endpoint=self.backends[i].address),
+                    extra=fields(cluster=self.health.name, endpoint=e.address),
                 )
-                await self._check(i)
+                await self._check(e)
                 return False
-            self.health.check_failed(i, f"Watch ended: {code.name} {error.details() or ''}")
+            self.health.check_failed(e, f"Watch ended: {code.name} {error.details() or ''}")
         finally:
             call.cancel()
         return True
 
-    async def _tcp(self, i: int) -> None:
-        host, port = parse_address(self.backends[i].address)
+    async def _tcp(self, e: Endpoint) -> None:
+        host, port = parse_address(e.address)
         host = host.removeprefix("[").removesuffix("]")  # an IPv6 address, unbracketed
         try:
             async with asyncio.timeout(self.config.timeout):
                 _, writer = await asyncio.open_connection(host, port)
         except (OSError, TimeoutError) as exc:
-            self.health.check_failed(i, f"TCP connect failed: {exc!r}")
+            self.health.check_failed(e, f"TCP connect failed: {exc!r}")
             return
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
-        self.health.check_passed(i, "TCP connect")
+        self.health.check_passed(e, "TCP connect")
+
+
+def _channel(e: Endpoint) -> aio.Channel:
+    assert e.backend is not None, "a checked endpoint has a channel"
+    return e.backend.channel
 
 
 async def _responses(call: Any) -> AsyncIterator[health_pb2.HealthCheckResponse]:

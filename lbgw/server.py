@@ -13,23 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 from types import TracebackType
 from typing import Any
 
 from grpc import aio
 from grpc_health.v1 import health_pb2_grpc
 
-from lbgw.affinity import Affinity
-from lbgw.backends import Backend, channel_options
-from lbgw.balancer import Balancer
-from lbgw.config import STICKY_SECRET_ENV, ClusterConfig, Config, RouteConfig, parse_address
-from lbgw.endpoints import ClusterHealth
+from lbgw import _grpc_private
+from lbgw.cluster import Cluster, Target, build_cluster
+from lbgw.config import Config, RouteConfig, parse_address
 from lbgw.exceptions import StartError
-from lbgw.health import HealthChecker, HealthService
+from lbgw.health import HealthService
 from lbgw.logs import fields
-from lbgw.proxy import Cluster, Proxy, Target
-from lbgw.reflection import discover_kinds
+from lbgw.proxy import Proxy
 from lbgw.routing import Router
 from lbgw.telemetry import Telemetry
 
@@ -52,23 +48,6 @@ def server_options(config: Config, *, reuse_port: bool) -> list[tuple[str, Any]]
     return options
 
 
-def _sticky_secret(cluster: ClusterConfig) -> bytes:
-    """The secret that signs the cluster's sticky tokens; random if none was given."""
-    if not cluster.sticky.enabled:
-        return b""
-    if cluster.sticky.secret:
-        return cluster.sticky.secret.encode()
-    log.warning(
-        "sticky tokens without a secret",
-        extra=fields(
-            cluster=cluster.name,
-            consequence="a random secret: only this process honours its tokens",
-            fix=f"set clusters.{cluster.name}.sticky.secret or {STICKY_SECRET_ENV}",
-        ),
-    )
-    return secrets.token_bytes(32)
-
-
 class Gateway:
     """lbgw itself: ``async with Gateway(config) as gw: ... gw.addresses``."""
 
@@ -80,8 +59,6 @@ class Gateway:
         self.telemetry = telemetry if telemetry is not None else Telemetry(config.tracing)
         self._reuse_port = reuse_port
         self._server: aio.Server | None = None
-        self._backends: list[Backend] = []
-        self._checkers: list[HealthChecker] = []
         self.clusters: dict[str, Cluster] = {}
         self.proxy: Proxy | None = None
         self.health = HealthService()
@@ -113,39 +90,22 @@ class Gateway:
 
     async def _start(self) -> None:
         config = self.config
-        loop = asyncio.get_running_loop()
+        _grpc_private.check()
         for cc in config.clusters:
-            options = channel_options(cc, config.limits)
-            backends = [Backend(cc.name, e.address, options) for e in cc.endpoints]
-            self._backends.extend(backends)
-            for backend in backends:
-                backend.connect()
-            balancer = Balancer(cc)
-            health = ClusterHealth(cc, balancer, clock=loop.time, call_later=loop.call_later)
-            self.health.track(health)
-            checker = HealthChecker(health, backends, cc.health_check, self.telemetry)
-            self._checkers.append(checker)
-            checker.start()
-            kinds = {}
-            if cc.reflection:
-                kinds = await discover_kinds(
-                    cc.name, [b.address for b in backends], [b.channel for b in backends]
-                )
-            kinds.update(cc.methods)  # the config's word wins over reflection's
-            affinity = None
-            if balancer.hashing is not None or cc.sticky.enabled:
-                affinity = Affinity(cc, balancer, _sticky_secret(cc))
-            self.clusters[cc.name] = Cluster(
-                balancer, health, backends, kinds, cc.retries, affinity=affinity
+            cluster = build_cluster(
+                cc, config.limits, telemetry=self.telemetry, grace=config.grace_period
             )
+            self.clusters[cc.name] = cluster
+            self.health.track(cluster.health)
+        for cluster in self.clusters.values():
+            await cluster.learn_kinds()
 
         server = aio.server(options=server_options(config, reuse_port=self._reuse_port))
         self._server = server
         clusters = self.clusters
 
         def target(route: RouteConfig) -> Target:
-            name = f"{route.match} {route.value}" if route.value else route.match
-            return Target(clusters[route.cluster], route.retry_on, name)
+            return Target.of(route, clusters)
 
         self.proxy = Proxy(Router(config.routes, target), clusters.values(), self.telemetry)
         # lbgw's own health service comes first, so its calls are never forwarded.
@@ -167,7 +127,7 @@ class Gateway:
                 extra=fields(
                     cluster=cluster.name,
                     strategy=cluster.balancer.strategy,
-                    endpoints=list(cluster.balancer.addresses),
+                    endpoints=[e.address for e in cluster.endpoints],
                     known_methods=len(cluster.kinds),
                     health_check=self.config.cluster(cluster.name).health_check.mode,
                 ),
@@ -205,15 +165,8 @@ class Gateway:
         if server is not None:
             self.health.end_watches()
             await server.stop(grace)
-        checkers, self._checkers = self._checkers, []
-        for checker in checkers:
-            await checker.stop()
-            checker.health.drain()
-        await self._close_backends()
+        clusters = list(self.clusters.values())
+        for cluster in clusters:
+            await cluster.close()
         # Flushes the spans still queued; it blocks, so off the event loop.
         await asyncio.to_thread(self.telemetry.shutdown)
-
-    async def _close_backends(self) -> None:
-        backends, self._backends = self._backends, []
-        for backend in backends:
-            await backend.close()

@@ -87,11 +87,12 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Final, TypeAlias
+from typing import TYPE_CHECKING, Any, Concatenate, Final, ParamSpec, TypeAlias
 
 import grpc
 from opentelemetry import trace
@@ -115,6 +116,16 @@ from opentelemetry.util.types import AttributeValue
 
 from lbgw import __version__
 from lbgw.config import TracingConfig, parse_address
+from lbgw.decision import Decision
+from lbgw.exceptions import NoEligibleEndpointError
+
+if TYPE_CHECKING:
+    from grpc import aio
+
+    from lbgw.cluster import Target
+    from lbgw.endpoints import Endpoint
+
+    _Context: TypeAlias = aio.ServicerContext[Any, Any]
 
 __all__ = [
     "HEALTH_CHECK_SPAN",
@@ -134,7 +145,9 @@ __all__ = [
     "PROPAGATED_KEYS",
     "Candidates",
     "Telemetry",
+    "TracedCall",
     "decision_attributes",
+    "decision_of",
     "end_span",
     "parse_peer",
     "record_decision",
@@ -178,6 +191,9 @@ Metadata: TypeAlias = Sequence[tuple[str, str | bytes]]
 #: (address, its figures such as ``{"ewma_ms": 3.1, "in_flight": 2}``) per candidate.
 Candidates: TypeAlias = Sequence[tuple[str, Mapping[str, float | int]]]
 Skipped: TypeAlias = Sequence[tuple[str, str]]
+
+_P = ParamSpec("_P")
+log = logging.getLogger("lbgw.telemetry")
 
 _ROOT: Final = Context()
 # Bounds the per-method and per-address caches: a client that invents
@@ -349,7 +365,7 @@ class Telemetry:
             attributes = {**rpc, **_peer(peer)}
         return tracer.start_span(name, parent, SpanKind.SERVER, attributes)
 
-    def attempt_span(
+    def attempt_span(  # noqa: PLR0913 - each goes into the span's attributes, set at its start
         self,
         server_span: Span,
         method: str,
@@ -413,7 +429,7 @@ class Telemetry:
             provider.shutdown()
 
 
-def decision_attributes(
+def decision_attributes(  # noqa: PLR0913 - one keyword per lb.* attribute
     cluster: str,
     strategy: str,
     endpoint: str | None,
@@ -456,42 +472,127 @@ def decision_attributes(
     return attributes
 
 
-def record_decision(
-    span: Span,
-    cluster: str,
-    strategy: str,
-    endpoint: str | None,
-    *,
-    candidates: Candidates | Callable[[], Candidates] = (),
-    skipped: Skipped | Callable[[], Skipped] = (),
-    pick_ns: int | None = None,
-    route: str | None = None,
-    hash_key: str | None = None,
-    ring_position: int | None = None,
-    fallback: str | None = None,
-) -> None:
-    """Set the ``lb.*`` attributes of a pick on a started ``span``, if it records.
+def _on_span(
+    attributes: Callable[_P, dict[str, AttributeValue]],
+) -> Callable[Concatenate[Span, _P], None]:
+    """``attributes``, set on a started span instead of returned (if the span records)."""
 
-    For an attempt span, ``Telemetry.attempt_span(..., decision=...)`` is
-    cheaper; this serves spans that exist before the pick, such as the
-    SERVER span of a call that no endpoint could take.
-    """
-    if not span.is_recording():
-        return
-    span.set_attributes(
-        decision_attributes(
-            cluster,
-            strategy,
-            endpoint,
-            candidates=candidates,
-            skipped=skipped,
-            pick_ns=pick_ns,
-            route=route,
-            hash_key=hash_key,
-            ring_position=ring_position,
-            fallback=fallback,
-        )
+    def record(span: Span, /, *args: _P.args, **kwargs: _P.kwargs) -> None:
+        if span.is_recording():
+            span.set_attributes(attributes(*args, **kwargs))
+
+    record.__doc__ = f"``{attributes.__name__}``, set on a started ``span`` if it records."
+    return record
+
+
+#: ``decision_attributes``, set on a started span if it records. For an attempt
+#: span, ``Telemetry.attempt_span(..., decision=...)`` is cheaper; this serves
+#: spans that exist before the pick, such as the SERVER span of a call that no
+#: endpoint could take.
+record_decision: Final = _on_span(decision_attributes)
+
+
+def decision_of(decision: Decision, cluster: str, route: str | None) -> dict[str, AttributeValue]:
+    """The ``lb.*`` attributes of an explained pick (``Cluster.decide``)."""
+    return decision_attributes(
+        cluster,
+        decision.strategy,
+        decision.address,
+        candidates=decision.candidates,
+        skipped=decision.skipped,
+        pick_ns=decision.pick_ns,
+        route=route,
+        hash_key=decision.hash_key,
+        ring_position=decision.ring_position,
+        fallback=decision.fallback,
     )
+
+
+class TracedCall:
+    """One traced call: its SERVER span, and the CLIENT span of the attempt under way.
+
+    Each pick goes through ``pick`` here. For a sampled call, the pick is
+    explained (``Cluster.decide(..., explain=True)``) and the attempt's span
+    opens with the decision's attributes: the candidates and their figures
+    as the picker saw them, the endpoints out of rotation and why, how a key
+    or token decided, and the pick's duration. An unsampled call gets no
+    attempt spans and builds none of this: the backend is sent the server
+    span's context, whose flags say "not sampled", so its spans are dropped
+    alike.
+    """
+
+    __slots__ = (
+        "attempt",
+        "call",
+        "context",
+        "method",
+        "parent",
+        "recording",
+        "target",
+        "telemetry",
+    )
+
+    def __init__(
+        self, telemetry: Telemetry, target: Target, method: str, context: _Context
+    ) -> None:
+        self.telemetry = telemetry
+        self.target = target
+        self.method = method
+        self.context = context
+        self.parent = telemetry.extract(context.invocation_metadata())
+        self.call = telemetry.server_span(method, context.peer(), self.parent)
+        self.recording = self.call.is_recording()
+        self.attempt: Span | None = None
+
+    def pick(self, attempt: int, exclude: Endpoint | None, reason: str | None) -> Endpoint:
+        """Pick for ``attempt`` (never ``exclude``, for a retry) and open its span."""
+        cluster = self.target.cluster
+        context = self.context
+        if not self.recording:
+            self.attempt = self.call
+            return cluster.pick(context, self.method, exclude).endpoint
+        try:
+            decision = cluster.decide(
+                context.invocation_metadata(), context.peer(), self.method, exclude, explain=True
+            )
+        except NoEligibleEndpointError as exc:
+            if exclude is None:  # the call is rejected: its server span says why
+                record_decision(
+                    self.call,
+                    cluster.name,
+                    cluster.strategy,
+                    None,
+                    skipped=exc.skipped,
+                    route=self.target.route,
+                )
+            raise
+        try:
+            self.attempt = self.telemetry.attempt_span(
+                self.call,
+                self.method,
+                decision.address,
+                attempt,
+                reason,
+                decision=decision_of(decision, cluster.name, self.target.route),
+            )
+        except Exception:  # a fault of tracing's own must not fail the call, nor leak the pick
+            log.exception("tracing failed; the call goes on untraced")
+            self.attempt = self.call
+        return decision.endpoint
+
+    def metadata(self, metadata: Metadata | None) -> Metadata | None:
+        """The metadata for the attempt: W3C trace context from the attempt's span."""
+        span = self.attempt if self.attempt is not None else self.call
+        return self.telemetry.inject(metadata, with_span(span, self.parent)) or None
+
+    def end_attempt(self, code: grpc.StatusCode, details: str | None) -> None:
+        span, self.attempt = self.attempt, None
+        if span is not None and span is not self.call:
+            end_span(span, code, details)
+
+    def end(self, code: grpc.StatusCode, details: str | None) -> None:
+        self.end_attempt(code, details)
+        end_span(self.call, code, details)
 
 
 def _finite(scores: Mapping[str, float | int]) -> dict[str, float | int | str]:

@@ -13,7 +13,8 @@ health service in its own process (for tests that kill one): it prints
 ``127.0.0.1:PORT`` on a line of its own and serves until SIGTERM.
 
 ``ManualClock`` stands in for the event loop's ``time``/``call_later`` in
-unit tests of ``endpoints.ClusterHealth``.
+unit tests of ``endpoints.ClusterHealth``; ``offline_cluster`` is a
+``Cluster`` without channels, for unit tests of picking and affinity.
 
 ``OtlpReceiver`` is a real OTLP/gRPC trace receiver (what Jaeger or a
 collector serves on 4317): it decodes the spans an exporter sends, so a test
@@ -40,7 +41,12 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span as SpanProto
 from opentelemetry.proto.trace.v1.trace_pb2 import Status as StatusProto
 from opentelemetry.trace import SpanKind, StatusCode
 
-from lbgw.health import HealthService
+from lbgw.affinity import Affinity
+from lbgw.balancer import Balancer
+from lbgw.cluster import Cluster
+from lbgw.config import ClusterConfig
+from lbgw.endpoints import ClusterHealth
+from lbgw.health import HealthChecker, HealthService
 from lbgw.pb import echo_pb2, echo_pb2_grpc
 
 if TYPE_CHECKING:
@@ -273,6 +279,25 @@ class ManualClock:
             handle.callback()
         self._timers = [h for h in self._timers if not h.cancelled]
         self.now = end
+
+
+def offline_cluster(
+    config: ClusterConfig, *, secret: bytes = b"", clock: ManualClock | None = None
+) -> Cluster:
+    """A ``Cluster`` of ``config`` without channels or checks, for picking in unit tests.
+
+    Its endpoints have no backend and its health checker never starts:
+    ``pick``, ``decide`` and ``update``'s bookkeeping run as in the gateway;
+    health follows ``clock`` (a new ``ManualClock`` by default).
+    """
+    clock = clock or ManualClock()
+    balancer = Balancer(config)
+    health = ClusterHealth(config, balancer, clock=clock.time, call_later=clock.call_later)
+    affinity = None
+    if balancer.hashing is not None or config.sticky.enabled:
+        affinity = Affinity(config, balancer, secret)
+    checker = HealthChecker(health, config.health_check)
+    return Cluster(config, balancer, health, checker, affinity=affinity)
 
 
 async def _serve_forever(name: str, port: int) -> None:

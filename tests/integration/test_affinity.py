@@ -28,7 +28,7 @@ from grpc import aio
 
 from lbgw.balancer import make_hash_kernel
 from lbgw.config import STICKY_SECRET_ENV, config_from_mapping
-from lbgw.endpoints import State
+from lbgw.endpoints import ClusterHealth, State
 from lbgw.pb import echo_pb2, echo_pb2_grpc
 from lbgw.testing import EchoBackend
 from tests.integration.support import (
@@ -53,6 +53,11 @@ KEYS = [f"session-{n}" for n in range(200)]
 NO_CHECKS: dict[str, Any] = {"health_check": {"mode": "none"}}
 HASHING = pytest.mark.parametrize("strategy", ["ring_hash", "maglev"])
 KINDS = pytest.mark.parametrize("methods", [ALL_KINDS, {}], ids=["kinds-known", "kinds-unknown"])
+
+
+def _state(health: ClusterHealth, i: int) -> State:
+    """Endpoint ``i``'s state (a call, so that mypy does not narrow it across events)."""
+    return health.endpoints[i].state
 
 
 def _backends() -> list[EchoBackend]:
@@ -227,12 +232,12 @@ async def test_a_backend_out_of_rotation_moves_only_its_keys_and_gets_them_back(
         async with through(cfg) as t:
             health = t.gateway.clusters["echo"].health
             before = await _route(t.stub, KEYS)
-            health.check_failed(1, "test", explicit=True)
-            assert health.state(1) is State.NOT_SERVING
+            health.check_failed(health.endpoints[1], "test", explicit=True)
+            assert _state(health, 1) is State.NOT_SERVING
             during = await _route(t.stub, KEYS)
             for _ in range(cfg.clusters[0].health_check.healthy_threshold):
-                health.check_passed(1)
-            assert health.state(1) is State.SERVING
+                health.check_passed(health.endpoints[1])
+            assert _state(health, 1) is State.SERVING
             after = await _route(t.stub, KEYS)
     moved = {k for k in KEYS if during[k] != before[k]}
     assert moved == {k for k in KEYS if before[k] == "b"}
@@ -315,12 +320,12 @@ async def test_a_token_for_an_endpoint_out_of_rotation_gets_a_new_pick_and_token
             health = t.gateway.clusters["echo"].health
             first, initial = await _unary(t.stub)
             old = initial[STICKY]
-            health.check_failed(0, "test", explicit=True)
+            health.check_failed(health.endpoints[0], "test", explicit=True)
             moved_to, md = await _unary(t.stub, [(STICKY, old)])
             new = md[STICKY]
             repinned = [await _unary(t.stub, [(STICKY, new)]) for _ in range(4)]
             for _ in range(cfg.clusters[0].health_check.healthy_threshold):
-                health.check_passed(0)
+                health.check_passed(health.endpoints[0])
             back = [await _unary(t.stub, [(STICKY, old)]) for _ in range(4)]
     assert first == "a"
     assert moved_to == "b"  # round robin moves on from a

@@ -18,9 +18,9 @@ import grpc
 import pytest
 from grpc import aio
 
+from lbgw._grpc_private import send_message
 from lbgw.config import MethodKind
 from lbgw.pb import echo_pb2_grpc
-from lbgw.proxy import _send
 from lbgw.server import Gateway
 from lbgw.testing import EchoBackend, echo_registrar, serve
 from tests.integration.h2wire import frame_relay
@@ -264,7 +264,8 @@ async def test_no_eligible_endpoint_is_unavailable_naming_the_cluster(
         echo_backends(backend) as addrs,
         through(config(addrs, methods=methods, cluster=NO_CHECKS)) as t,
     ):
-        t.gateway.clusters["echo"].health.check_failed(0, "test", explicit=True)
+        health = t.gateway.clusters["echo"].health
+        health.check_failed(health.endpoints[0], "test", explicit=True)
         for call in (t.stub.Unary(request(), timeout=5),):
             with pytest.raises(aio.AioRpcError) as info:
                 await call
@@ -465,7 +466,7 @@ async def test_a_status_sent_before_the_request_stream_is_read_passes_through(
 ) -> None:
     # grpc.aio's own request writer turns this into INTERNAL "Internal error
     # from Core" now and then (grpc/grpc#36066). The test's client writes the
-    # way lbgw does (proxy._send), so that lbgw's writer is the one on trial.
+    # way lbgw does (_grpc_private.send_message), so that lbgw's writer is the one on trial.
     message = request(payload=b"p" * 1000).SerializeToString()
     async with (
         serve(lambda s: s.add_generic_rpc_handlers((_Refuser(),))) as addr,
@@ -477,7 +478,7 @@ async def test_a_status_sent_before_the_request_stream_is_read_passes_through(
             with pytest.raises(aio.AioRpcError) as info:
                 await call.wait_for_connection()
                 for _ in range(50):
-                    if not await _send(call, message):
+                    if not await send_message(call, message):
                         break
                 await call.done_writing()
                 await call

@@ -281,11 +281,11 @@ async def test_an_unsampled_call_exports_nothing_and_builds_no_decision(
     built: list[str] = []
     candidates, skipped = Balancer.candidates, ClusterHealth.skipped
 
-    def counting_candidates(self: Balancer, *, exclude: int = -1, limit: int = 16) -> Any:
+    def counting_candidates(self: Balancer, *, exclude: Any = None, limit: int = 16) -> Any:
         built.append("candidates")
         return candidates(self, exclude=exclude, limit=limit)
 
-    def counting_skipped(self: ClusterHealth, exclude: int = -1) -> Any:
+    def counting_skipped(self: ClusterHealth, exclude: Any = None) -> Any:
         built.append("skipped")
         return skipped(self, exclude)
 
@@ -419,8 +419,8 @@ async def test_endpoints_out_of_rotation_are_listed_as_skipped_with_why() -> Non
     cluster = NO_CHECKS | {"outlier_detection": {"consecutive_failures": 1}}
     async with echo_backends(*backends) as addrs, traced(config(addrs, cluster=cluster)) as t:
         health = t.gateway.clusters["echo"].health
-        health.check_failed(0, "said NOT_SERVING", explicit=True)
-        health.failed(1, grpc.StatusCode.UNAVAILABLE)  # one failure ejects here
+        health.check_failed(health.endpoints[0], "said NOT_SERVING", explicit=True)
+        health.failed(health.endpoints[1], grpc.StatusCode.UNAVAILABLE)  # one failure ejects here
         client = ClientTrace.new()
         (reply,) = await call(t.stub, "Unary", client.metadata())
         (attempt,) = spans_of(t.exporter, client).clients
@@ -527,7 +527,7 @@ async def test_a_call_without_a_route_has_an_error_server_span_and_no_client_spa
 
 def _not_serving(health: ClusterHealth) -> None:
     for i in range(len(health.states())):
-        health.check_failed(i, "said NOT_SERVING", explicit=True)
+        health.check_failed(health.endpoints[i], "said NOT_SERVING", explicit=True)
 
 
 @pytest.mark.parametrize(

@@ -53,6 +53,11 @@ EXPECTED = {
 }
 
 
+def _state(health: ClusterHealth, i: int) -> State:
+    """Endpoint ``i``'s state (a call, so that mypy does not narrow it across events)."""
+    return health.endpoints[i].state
+
+
 @pytest.mark.parametrize(("state", "event"), list(itertools.product(State, Event)))
 def test_every_state_and_event_pair(state: State, event: Event) -> None:
     if (state, event) in EXPECTED:
@@ -90,16 +95,16 @@ def _health(
 
 def _eligible(health: ClusterHealth) -> list[int]:
     b = health.balancer
-    return [i for i in range(len(b.addresses)) if b.is_eligible(i)]
+    return [i for i in range(len(b.endpoints)) if b.is_eligible(i)]
 
 
 def _picks(health: ClusterHealth, count: int) -> Counter[int]:
     b = health.balancer
     got: Counter[int] = Counter()
     for _ in range(count):
-        i = b.pick()
-        b.done(i, 0, None)
-        got[i] += 1
+        e = b.pick()
+        b.done(e, 0, None)
+        got[e.index] += 1
     return got
 
 
@@ -107,8 +112,10 @@ def test_unknown_endpoints_take_calls_and_the_first_result_decides() -> None:
     health, _ = _health(3)
     assert health.states() == [S.UNKNOWN] * 3
     assert _eligible(health) == [0, 1, 2]
-    health.check_passed(0)
-    health.check_failed(1, "connection refused")  # one failure, not three: the first decides
+    health.check_passed(health.endpoints[0])
+    health.check_failed(
+        health.endpoints[1], "connection refused"
+    )  # one failure, not three: the first decides
     assert health.states() == [S.SERVING, S.NOT_SERVING, S.UNKNOWN]
     assert _eligible(health) == [0, 2]
     assert set(_picks(health, 20)) == {0, 2}
@@ -116,41 +123,43 @@ def test_unknown_endpoints_take_calls_and_the_first_result_decides() -> None:
 
 def test_thresholds_out_and_back() -> None:
     health, _ = _health(2, health_check={"unhealthy_threshold": 3, "healthy_threshold": 2})
-    health.check_passed(0)
-    health.check_failed(0, "timeout")
-    health.check_failed(0, "timeout")
-    assert health.state(0) is S.SERVING  # two failures of three
-    health.check_passed(0)  # a pass resets the count
-    health.check_failed(0, "timeout")
-    health.check_failed(0, "timeout")
-    assert health.state(0) is S.SERVING
-    health.check_failed(0, "timeout")
-    assert health.state(0) is S.NOT_SERVING
-    health.check_passed(0)
-    assert health.state(0) is S.NOT_SERVING  # one pass of two
-    health.check_passed(0)
-    assert health.state(0) is S.SERVING
+    health.check_passed(health.endpoints[0])
+    health.check_failed(health.endpoints[0], "timeout")
+    health.check_failed(health.endpoints[0], "timeout")
+    assert _state(health, 0) is S.SERVING  # two failures of three
+    health.check_passed(health.endpoints[0])  # a pass resets the count
+    health.check_failed(health.endpoints[0], "timeout")
+    health.check_failed(health.endpoints[0], "timeout")
+    assert _state(health, 0) is S.SERVING
+    health.check_failed(health.endpoints[0], "timeout")
+    assert _state(health, 0) is S.NOT_SERVING
+    health.check_passed(health.endpoints[0])
+    assert _state(health, 0) is S.NOT_SERVING  # one pass of two
+    health.check_passed(health.endpoints[0])
+    assert _state(health, 0) is S.SERVING
 
 
 def test_a_watched_serving_brings_it_back_at_once() -> None:
     health, _ = _health(2, health_check={"healthy_threshold": 3})
-    health.check_failed(0, "NOT_SERVING", explicit=True)
-    health.check_passed(0, "SERVING", explicit=True)  # a Watch says it once, on the change
-    assert health.state(0) is S.SERVING
+    health.check_failed(health.endpoints[0], "NOT_SERVING", explicit=True)
+    health.check_passed(
+        health.endpoints[0], "SERVING", explicit=True
+    )  # a Watch says it once, on the change
+    assert _state(health, 0) is S.SERVING
 
 
 def test_an_explicit_not_serving_takes_it_out_at_once() -> None:
     health, _ = _health(2)
-    health.check_passed(0)
-    health.check_failed(0, "NOT_SERVING", explicit=True)
-    assert health.state(0) is S.NOT_SERVING
+    health.check_passed(health.endpoints[0])
+    health.check_failed(health.endpoints[0], "NOT_SERVING", explicit=True)
+    assert _state(health, 0) is S.NOT_SERVING
     assert _eligible(health) == [1]
 
 
 def test_no_endpoint_healthy_fails_fast_naming_the_cluster() -> None:
     health, _ = _health(2)
     for i in range(2):
-        health.check_failed(i, "NOT_SERVING", explicit=True)
+        health.check_failed(health.endpoints[i], "NOT_SERVING", explicit=True)
     assert not health.serving
     with pytest.raises(NoEligibleEndpointError, match="no endpoint of cluster 'c' is healthy"):
         health.balancer.pick()
@@ -167,60 +176,60 @@ def test_consecutive_failures_eject_for_base_times_count_capped() -> None:
         },
     )
     for i in range(4):
-        health.check_passed(i)
-    health.failed(0, UNAVAILABLE)
-    health.failed(0, UNAVAILABLE)
-    health.succeeded(0)  # not consecutive
-    health.failed(0, UNAVAILABLE)
-    health.failed(0, UNAVAILABLE)
-    assert health.state(0) is S.SERVING
-    health.failed(0, UNAVAILABLE)
-    assert health.state(0) is S.EJECTED
+        health.check_passed(health.endpoints[i])
+    health.failed(health.endpoints[0], UNAVAILABLE)
+    health.failed(health.endpoints[0], UNAVAILABLE)
+    health.succeeded(health.endpoints[0])  # not consecutive
+    health.failed(health.endpoints[0], UNAVAILABLE)
+    health.failed(health.endpoints[0], UNAVAILABLE)
+    assert _state(health, 0) is S.SERVING
+    health.failed(health.endpoints[0], UNAVAILABLE)
+    assert _state(health, 0) is S.EJECTED
     assert _eligible(health) == [1, 2, 3]
     assert clock.pending() == [clock.now + 10]
     clock.advance(9.9)
-    assert health.state(0) is S.EJECTED
+    assert _state(health, 0) is S.EJECTED
     clock.advance(0.2)
-    assert health.state(0) is S.SERVING  # back: ejected 1 x 10 s
+    assert _state(health, 0) is S.SERVING  # back: ejected 1 x 10 s
     for _ in range(3):
-        health.failed(0, UNAVAILABLE)
+        health.failed(health.endpoints[0], UNAVAILABLE)
     assert clock.pending() == [clock.now + 20]  # 2 x 10 s
     clock.advance(20)
     for _ in range(3):
-        health.failed(0, UNAVAILABLE)
+        health.failed(health.endpoints[0], UNAVAILABLE)
     assert clock.pending() == [clock.now + 25]  # 3 x 10 s, capped at 25
     clock.advance(25)
     clock.advance(25)  # in rotation for max_ejection_time: the count starts again
     for _ in range(3):
-        health.failed(0, UNAVAILABLE)
+        health.failed(health.endpoints[0], UNAVAILABLE)
     assert clock.pending() == [clock.now + 10]
 
 
 def test_only_failure_codes_count_and_others_reset() -> None:
     health, _ = _health(2, outlier_detection={"consecutive_failures": 2})
-    health.failed(0, UNAVAILABLE)
-    health.failed(0, grpc.StatusCode.NOT_FOUND)  # the backend answered: it works
-    health.failed(0, UNAVAILABLE)
-    assert health.state(0) is S.UNKNOWN
-    health.failed(0, UNAVAILABLE)
-    assert health.state(0) is S.EJECTED
+    health.failed(health.endpoints[0], UNAVAILABLE)
+    health.failed(health.endpoints[0], grpc.StatusCode.NOT_FOUND)  # the backend answered: it works
+    health.failed(health.endpoints[0], UNAVAILABLE)
+    assert _state(health, 0) is S.UNKNOWN
+    health.failed(health.endpoints[0], UNAVAILABLE)
+    assert _state(health, 0) is S.EJECTED
     health2, _ = _health(
         2,
         outlier_detection={"consecutive_failures": 2, "failure_codes": ["INTERNAL"]},
     )
     for _ in range(3):
-        health2.failed(0, UNAVAILABLE)
-    assert health2.state(0) is S.UNKNOWN
-    health2.failed(0, grpc.StatusCode.INTERNAL)
-    health2.failed(0, grpc.StatusCode.INTERNAL)
-    assert health2.state(0) is S.EJECTED
+        health2.failed(health2.endpoints[0], UNAVAILABLE)
+    assert _state(health2, 0) is S.UNKNOWN
+    health2.failed(health2.endpoints[0], grpc.StatusCode.INTERNAL)
+    health2.failed(health2.endpoints[0], grpc.StatusCode.INTERNAL)
+    assert _state(health2, 0) is S.EJECTED
 
 
 def test_zero_consecutive_failures_turns_ejection_off() -> None:
     health, _ = _health(2, outlier_detection={"consecutive_failures": 0})
     for _ in range(100):
-        health.failed(0, UNAVAILABLE)
-    assert health.state(0) is S.UNKNOWN
+        health.failed(health.endpoints[0], UNAVAILABLE)
+    assert _state(health, 0) is S.UNKNOWN
 
 
 @pytest.mark.parametrize(("n", "percent", "cap"), [(4, 50, 2), (4, 10, 1), (20, 10, 2), (3, 0, 1)])
@@ -229,27 +238,27 @@ def test_max_ejection_percent_caps_ejections_but_allows_one(n: int, percent: int
         n, outlier_detection={"consecutive_failures": 1, "max_ejection_percent": percent}
     )
     for i in range(n):
-        health.failed(i, UNAVAILABLE)
+        health.failed(health.endpoints[i], UNAVAILABLE)
     assert health.states().count(S.EJECTED) == cap
     assert len(_eligible(health)) == n - cap
 
 
 def test_a_passed_check_ends_an_ejection_early() -> None:
     health, clock = _health(2, outlier_detection={"consecutive_failures": 1})
-    health.failed(0, UNAVAILABLE)
-    assert health.state(0) is S.EJECTED
-    health.check_passed(0)
-    assert health.state(0) is S.SERVING
+    health.failed(health.endpoints[0], UNAVAILABLE)
+    assert _state(health, 0) is S.EJECTED
+    health.check_passed(health.endpoints[0])
+    assert _state(health, 0) is S.SERVING
     assert clock.pending() == []  # the ejection's timer is gone
 
 
 def test_a_failed_check_while_ejected_leaves_it_not_serving() -> None:
     health, clock = _health(2, outlier_detection={"consecutive_failures": 1})
-    health.failed(0, UNAVAILABLE)
-    health.check_failed(0, "NOT_SERVING", explicit=True)
-    assert health.state(0) is S.NOT_SERVING
+    health.failed(health.endpoints[0], UNAVAILABLE)
+    health.check_failed(health.endpoints[0], "NOT_SERVING", explicit=True)
+    assert _state(health, 0) is S.NOT_SERVING
     clock.advance(1000)
-    assert health.state(0) is S.NOT_SERVING  # the ejection's end does not bring it back
+    assert _state(health, 0) is S.NOT_SERVING  # the ejection's end does not bring it back
 
 
 def test_slow_start_ramps_the_weight_by_envoys_formula() -> None:
@@ -258,23 +267,23 @@ def test_slow_start_ramps_the_weight_by_envoys_formula() -> None:
         weights=[1, 1],
         slow_start={"window": 10, "aggression": 2, "min_weight_percent": 20},
     )
-    health.check_passed(0)
-    health.check_passed(1)
-    health.check_failed(1, "NOT_SERVING", explicit=True)
-    health.check_passed(1)
-    health.check_passed(1)  # back in rotation now: ramp from here
+    health.check_passed(health.endpoints[0])
+    health.check_passed(health.endpoints[1])
+    health.check_failed(health.endpoints[1], "NOT_SERVING", explicit=True)
+    health.check_passed(health.endpoints[1])
+    health.check_passed(health.endpoints[1])  # back in rotation now: ramp from here
     b = health.balancer
-    assert b.share(1) == pytest.approx(0.2)  # max(0.2, 0 ** 0.5)
+    assert b.endpoints[1].share == pytest.approx(0.2)  # max(0.2, 0 ** 0.5)
     clock.advance(1)  # steps come every window / 10
-    assert b.share(1) == pytest.approx((1 / 10) ** 0.5)
+    assert b.endpoints[1].share == pytest.approx((1 / 10) ** 0.5)
     clock.advance(1)
-    assert b.share(1) == pytest.approx((2 / 10) ** 0.5)
+    assert b.endpoints[1].share == pytest.approx((2 / 10) ** 0.5)
     clock.advance(4)
-    assert b.share(1) == pytest.approx((6 / 10) ** 0.5)
+    assert b.endpoints[1].share == pytest.approx((6 / 10) ** 0.5)
     got = _picks(health, 1000)
     assert got[1] / got[0] == pytest.approx((6 / 10) ** 0.5, rel=0.02)
     clock.advance(5)
-    assert b.share(1) == 1.0
+    assert b.endpoints[1].share == 1.0
     assert clock.pending() == []  # no more steps once ramped
     got = _picks(health, 1000)
     assert got[0] == got[1] == 500
@@ -282,48 +291,48 @@ def test_slow_start_ramps_the_weight_by_envoys_formula() -> None:
 
 def test_no_slow_start_at_start_up_nor_when_off() -> None:
     health, _ = _health(2, slow_start={"window": 10})
-    health.check_passed(0)
-    assert health.balancer.share(0) == 1.0  # from UNKNOWN: all start together
+    health.check_passed(health.endpoints[0])
+    assert health.balancer.endpoints[0].share == 1.0  # from UNKNOWN: all start together
     health2, clock2 = _health(2)
-    health2.check_failed(0, "x", explicit=True)
-    health2.check_passed(0)
-    health2.check_passed(0)
-    assert health2.balancer.share(0) == 1.0
+    health2.check_failed(health2.endpoints[0], "x", explicit=True)
+    health2.check_passed(health2.endpoints[0])
+    health2.check_passed(health2.endpoints[0])
+    assert health2.balancer.endpoints[0].share == 1.0
     assert clock2.pending() == []
 
 
 def test_panic_routes_to_all_but_draining_below_the_threshold() -> None:
     health, _ = _health(4, panic_threshold=50)
     for i in range(4):
-        health.check_passed(i)
-    health.check_failed(0, "x", explicit=True)
+        health.check_passed(health.endpoints[i])
+    health.check_failed(health.endpoints[0], "x", explicit=True)
     assert not health.panic and _eligible(health) == [1, 2, 3]
-    health.check_failed(1, "x", explicit=True)
+    health.check_failed(health.endpoints[1], "x", explicit=True)
     assert not health.panic  # 2 of 4 healthy: 50% is not below 50%
-    health.check_failed(2, "x", explicit=True)
+    health.check_failed(health.endpoints[2], "x", explicit=True)
     assert health.panic
     assert _eligible(health) == [0, 1, 2, 3]
-    health.check_passed(2)
-    health.check_passed(2)
+    health.check_passed(health.endpoints[2])
+    health.check_passed(health.endpoints[2])
     assert not health.panic and _eligible(health) == [2, 3]
 
 
 def test_panic_is_off_by_default() -> None:
     health, _ = _health(2)
     for i in range(2):
-        health.check_failed(i, "x", explicit=True)
+        health.check_failed(health.endpoints[i], "x", explicit=True)
     assert not health.panic and _eligible(health) == []
 
 
 def test_drain_takes_everything_out_for_good() -> None:
     health, clock = _health(3, outlier_detection={"consecutive_failures": 1})
-    health.failed(0, UNAVAILABLE)
+    health.failed(health.endpoints[0], UNAVAILABLE)
     health.drain()
     assert health.states() == [S.DRAINING] * 3
     assert _eligible(health) == []
-    health.check_passed(1)  # late results change nothing
-    health.check_failed(1, "x", explicit=True)
-    health.failed(1, UNAVAILABLE)
+    health.check_passed(health.endpoints[1])  # late results change nothing
+    health.check_failed(health.endpoints[1], "x", explicit=True)
+    health.failed(health.endpoints[1], UNAVAILABLE)
     clock.advance(1000)
     assert health.states() == [S.DRAINING] * 3
 
@@ -332,19 +341,19 @@ def test_listeners_hear_every_change_and_serving_follows_rotation() -> None:
     health, _ = _health(2)
     heard: list[bool] = []
     health.on_change(lambda h: heard.append(h.serving))
-    health.check_failed(0, "x", explicit=True)
-    health.check_failed(1, "x", explicit=True)
-    health.check_passed(1)
-    health.check_passed(1)
+    health.check_failed(health.endpoints[0], "x", explicit=True)
+    health.check_failed(health.endpoints[1], "x", explicit=True)
+    health.check_passed(health.endpoints[1])
+    health.check_passed(health.endpoints[1])
     assert heard == [True, False, True]
 
 
 def test_each_change_is_one_structured_log_line(caplog: pytest.LogCaptureFixture) -> None:
     health, _ = _health(2)
     with caplog.at_level(logging.INFO, logger="lbgw.endpoints"):
-        health.check_passed(0)
-        health.check_passed(0)  # no change: no line
-        health.check_failed(0, "NOT_SERVING", explicit=True)
+        health.check_passed(health.endpoints[0])
+        health.check_passed(health.endpoints[0])  # no change: no line
+        health.check_failed(health.endpoints[0], "NOT_SERVING", explicit=True)
     lines = [vars(r)[_FIELDS] for r in caplog.records if r.getMessage() == "endpoint state"]
     assert [(f["previous"], f["state"], f["reason"]) for f in lines] == [
         ("unknown", "serving", "check passed"),
@@ -355,37 +364,37 @@ def test_each_change_is_one_structured_log_line(caplog: pytest.LogCaptureFixture
 
 def test_repr_shows_the_states() -> None:
     health, _ = _health(3)
-    health.check_passed(0)
-    health.check_failed(1, "x", explicit=True)
+    health.check_passed(health.endpoints[0])
+    health.check_failed(health.endpoints[1], "x", explicit=True)
     assert repr(health) == "<ClusterHealth c [1 serving, 1 not_serving, 1 unknown]>"
 
 
-def test_pick_other_never_returns_the_excluded_endpoint() -> None:
+def test_a_retry_pick_never_returns_the_excluded_endpoint_and_leaves_it_in() -> None:
     health, _ = _health(3)
     b = health.balancer
-    for exclude in range(3):
+    for exclude in b.endpoints:
         for _ in range(10):
-            j = b.pick_other(exclude)
-            b.done(j, 0, None)
-            assert j != exclude
+            e = b.pick(exclude)
+            b.done(e, 0, None)
+            assert e is not exclude
     for i in (1, 2):
-        health.check_failed(i, "x", explicit=True)
+        health.check_failed(health.endpoints[i], "x", explicit=True)
     with pytest.raises(NoEligibleEndpointError, match="is healthy"):
-        b.pick_other(0)
-    assert b.kernel.is_eligible(0)  # put back after the pick
+        b.pick(b.endpoints[0])
+    assert b.kernel.is_eligible(0)  # never taken out for the pick
     assert [b.kernel.in_flight(i) for i in range(3)] == [0, 0, 0]
 
 
 def test_passive_ejection_never_takes_the_last_endpoint_in_rotation() -> None:
     health, _ = _health(1)
     for _ in range(20):
-        health.failed(0, UNAVAILABLE)
-    assert health.state(0) is S.UNKNOWN and health.serving
+        health.failed(health.endpoints[0], UNAVAILABLE)
+    assert _state(health, 0) is S.UNKNOWN and health.serving
     three, _ = _health(3, outlier_detection={"max_ejection_percent": 100})
-    three.check_failed(1, "x", explicit=True)
-    three.check_failed(2, "x", explicit=True)
+    three.check_failed(three.endpoints[1], "x", explicit=True)
+    three.check_failed(three.endpoints[2], "x", explicit=True)
     for _ in range(5):
-        three.failed(0, UNAVAILABLE)
+        three.failed(three.endpoints[0], UNAVAILABLE)
     assert three.states() == [S.UNKNOWN, S.NOT_SERVING, S.NOT_SERVING]
     assert _eligible(three) == [0]
 
@@ -397,13 +406,13 @@ def test_a_refused_ejection_is_said_once_until_the_endpoint_recovers(
     with caplog.at_level(logging.WARNING, logger="lbgw.endpoints"):
         for _ in range(2000):
             for i in range(5):
-                health.failed(i, UNAVAILABLE)
+                health.failed(health.endpoints[i], UNAVAILABLE)
         refused = [r for r in caplog.records if r.getMessage() == "ejection refused"]
         assert health.states().count(S.EJECTED) == 1
         assert len(refused) == 4  # once for each endpoint left in, not once per 5 failures
-        health.succeeded(1)
+        health.succeeded(health.endpoints[1])
         for _ in range(5):
-            health.failed(1, UNAVAILABLE)
+            health.failed(health.endpoints[1], UNAVAILABLE)
         refused = [r for r in caplog.records if r.getMessage() == "ejection refused"]
         assert len(refused) == 5
 
