@@ -145,6 +145,7 @@ def lbgw_process(*args: str, timeout: float = 20.0) -> Iterator[LbgwProcess]:
         stderr=subprocess.PIPE,
         text=True,
     )
+    drainer: threading.Thread | None = None
     try:
         lines = _read_until_listening(process, timeout)
         address = lines[-1]["address"]
@@ -155,3 +156,7 @@ def lbgw_process(*args: str, timeout: float = 20.0) -> Iterator[LbgwProcess]:
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
+        if drainer is not None:
+            drainer.join(10)
+        if process.stderr is not None:
+            process.stderr.close()

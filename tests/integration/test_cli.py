@@ -163,11 +163,14 @@ async def test_sigterm_while_starting_exits_0(workers: str) -> None:
             assert process.poll() is None
             process.send_signal(signal.SIGTERM)
             code = await asyncio.to_thread(process.wait, 15)
+            err = process.stderr.read() if process.stderr else ""
         finally:
             if process.poll() is None:
                 process.kill()
                 process.wait(5)
-        assert code == 0, process.stderr.read() if process.stderr else ""
+            if process.stderr is not None:
+                process.stderr.close()
+        assert code == 0, err
 
 
 def test_a_port_in_use_exits_1_naming_the_address() -> None:
@@ -238,3 +241,5 @@ def test_demo_serves_until_ctrl_c_then_exits_0() -> None:
         if process.poll() is None:
             process.kill()
             process.wait(5)
+        if process.stdout is not None:
+            process.stdout.close()
