@@ -639,17 +639,29 @@ async def test_serve_quick_form_with_tcp_health_checks_forwards() -> None:
     async with echo_backends(backend) as (addr,):
         down = closed_port()
         args = ["--listen", "127.0.0.1:0", "--backend", addr, "--backend", down]
-        with lbgw_process(*args, "--health-check", "tcp", "--health-interval", "0.2") as lbgw:
+        checks = ["--health-check", "tcp", "--health-interval", "0.2", "--log-level", "debug"]
+        with lbgw_process(*args, *checks) as lbgw:
             async with aio.insecure_channel(lbgw.address) as channel:
                 stub = health_stub(channel)
                 assert (await stub.Check(ask("default"), timeout=5)).status == SERVING
                 echo_stub: Any = echo_pb2_grpc.EchoStub(channel)  # type: ignore[no-untyped-call]
-                # The closed port leaves rotation after its first check.
-                await asyncio.sleep(0.5)
+
+                def out() -> bool:  # the TCP check took the closed port out of rotation
+                    return any(
+                        line.get("event") == "endpoint state"
+                        and line.get("endpoint") == down
+                        and line.get("state") == "not_serving"
+                        and "TCP connect failed" in line.get("reason", "")
+                        for line in list(lbgw.lines)
+                    )
+
+                await until("the closed port leaves rotation", out)
                 got = {(await echo_stub.Unary(request(), timeout=5)).backend for _ in range(4)}
             lbgw.process.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(lbgw.wait, 15) == 0
     assert got == {"a"}
+    # No call reached "a" by a retry off the closed port: the check kept them off it.
+    assert [line for line in lbgw.lines if line.get("event") == "retry"] == []
     states = [(e.get("endpoint"), e.get("state")) for e in lbgw.lines]
     assert (down, "not_serving") in states
     assert (addr, "serving") in states
