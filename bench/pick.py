@@ -120,7 +120,7 @@ def _load(kernel: Kernel, rng: random.Random) -> None:
             kernel.started(i)
 
 
-def _make(name: str, n: int, compiled: bool) -> _Subject:
+def _make(name: str, n: int, compiled: bool) -> _Subject:  # noqa: PLR0912 - a branch per kernel
     """Build kernel ``name`` over ``n`` backends from ``_fastpick`` or ``picking``.
 
     The setup draws from a seed per (name, n) only, so the twin and the

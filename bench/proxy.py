@@ -227,7 +227,7 @@ def _lbgw_help(binary: str) -> str | None:
     return done.stdout if done.returncode == 0 else None
 
 
-def _lbgw_argv(
+def _lbgw_argv(  # noqa: PLR0913 - the lbgw command line's flags, one argument each
     binary: str,
     help_text: str,
     port: int,
@@ -628,7 +628,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _start_targets(
+def _start_targets(  # noqa: PLR0912, PLR0915 - one block per configuration of the table
     args: argparse.Namespace,
     workdir: Path,
     procs: list[Proc],

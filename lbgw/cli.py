@@ -176,7 +176,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve_config(args: argparse.Namespace) -> Config:
+def _serve_config(args: argparse.Namespace) -> Config:  # noqa: PLR0912, PLR0915 - a flag each
     quick = (
         args.listen
         or args.backend

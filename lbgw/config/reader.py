@@ -106,7 +106,7 @@ class Reader:
                 )
         return value
 
-    def section(
+    def section(  # noqa: PLR0913 - the walk's options, keyword-only
         self,
         cls: type[T],
         value: object,

@@ -103,7 +103,7 @@ def build(m: Impl, sc: Scenario) -> Kernel:
     return with_weights(e, sc.weights)
 
 
-def run(k: Kernel, ops: Sequence[Op]) -> list[object]:
+def run(k: Kernel, ops: Sequence[Op]) -> list[object]:  # noqa: PLR0912, PLR0915 - a branch per op
     """Apply ``ops``; return everything observable, in order."""
     now = T0
     out: list[object] = []
