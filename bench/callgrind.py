@@ -161,6 +161,7 @@ class _Lbgw:
     backend: str
     workdir: Path
     out_dir: Path
+    main_thread: bool = False
 
     def argv(self, port: int, out_file: Path | None) -> list[str]:
         """lbgw in a fixed environment, under callgrind writing ``out_file`` unless None."""
@@ -171,7 +172,7 @@ class _Lbgw:
                 self.valgrind,
                 "--tool=callgrind",
                 f"--callgrind-out-file={out_file}",
-                "--separate-threads=no",
+                f"--separate-threads={'yes' if self.main_thread else 'no'}",
                 "--trace-children=no",
             ]
         argv += [self.binary, "serve", "--listen", f"127.0.0.1:{port}", "--backend", self.backend]
@@ -210,6 +211,8 @@ class _Lbgw:
         """Ir of one lbgw process, from start to exit, that served ``calls`` unary calls."""
         out_file = self.out_dir / f"callgrind.{tag}.out"
         self.serve(f"lbgw-{tag}", calls, out_file)
+        if self.main_thread:  # thread 1, the event loop's: lbgw's Python runs there
+            return _read_ir(out_file.with_name(f"{out_file.name}-01"))
         return _read_ir(out_file)
 
 
@@ -227,7 +230,7 @@ def _measure(args: argparse.Namespace, valgrind: str, lbgw: str) -> list[_Run]:
         out_dir.mkdir(parents=True, exist_ok=True)
         backend_proc, backend = _start_backend(workdir)
         procs.append(backend_proc)
-        under_test = _Lbgw(lbgw, valgrind, backend, workdir, out_dir)
+        under_test = _Lbgw(lbgw, valgrind, backend, workdir, out_dir, args.main_thread)
         under_test.warm_up()
         for r in range(1, args.runs + 1):
             ir: dict[int, int] = {}
@@ -298,6 +301,7 @@ def _table(runs: Sequence[_Run]) -> list[str]:
 
 
 def _report(args: argparse.Namespace, machine: dict[str, str], runs: Sequence[_Run]) -> None:
+    threads = "the event loop's thread (--main-thread)" if args.main_thread else "all its threads"
     print(
         f"# lbgw callgrind benchmark: {machine['valgrind']}, {machine['python']}, "
         f"client grpcio {machine['grpcio_client']}, {machine['platform']}"
@@ -306,7 +310,7 @@ def _report(args: argparse.Namespace, machine: dict[str, str], runs: Sequence[_R
     print(
         f"# each count: one lbgw process (one worker, swrr, unary kind given, health checks and "
         f"tracing off) under callgrind; {len(PAYLOAD)} B unary calls, one at a time on one "
-        "channel; Ir = all its threads, start to exit"
+        f"channel; Ir = {threads}, start to exit"
     )
     for line in _table(runs):
         print(line)
@@ -375,6 +379,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="DIR",
         help="keep the callgrind files here (callgrind.RUN-CALLS.out), for callgrind_annotate",
+    )
+    p.add_argument(
+        "--main-thread",
+        action="store_true",
+        help="count only the event loop's thread, where lbgw's Python runs: steadier, as "
+        "it leaves out gRPC's I/O threads and their lock spinning under valgrind",
     )
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results here")
     p.add_argument(
