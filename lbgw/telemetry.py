@@ -1,13 +1,16 @@
 """Tracing: OpenTelemetry spans for every hop, with the routing decision, over OTLP/gRPC.
 
 This module owns lbgw's tracer provider (built from ``TracingConfig``), W3C
-context propagation over gRPC metadata, and the few span helpers the proxy
-and the health checker call. It never touches OpenTelemetry's global
-provider or propagator: a ``Telemetry`` carries its own, so tests and several
-gateways in one process do not see each other's spans.
+context propagation over gRPC metadata, the few span helpers the health
+checker calls, and ``TracedCall``, through which the proxy picks for a
+traced call: it explains the pick (``Cluster.decide(..., explain=True)``)
+and opens each attempt's span with the ``Decision``'s attributes
+(``decision_of``). It never touches OpenTelemetry's global provider or
+propagator: a ``Telemetry`` carries its own, so tests and several gateways
+in one process do not see each other's spans.
 
 A forwarded call makes one SERVER span for the client's call and one CLIENT
-span per attempt at a backend, its child::
+span per attempt at a backend, its child. ``TracedCall`` does this; by hand::
 
     parent = telemetry.extract(context.invocation_metadata())  # the client's traceparent
     call_span = telemetry.server_span(method, context.peer(), parent)

@@ -18,12 +18,12 @@ import pytest
 from grpc import aio
 
 from lbgw.cluster import Cluster
-from lbgw.config import EndpointConfig
+from lbgw.config import EndpointConfig, MethodKind
 from lbgw.endpoints import State
 from lbgw.pb import echo_pb2
-from lbgw.testing import EchoBackend
+from lbgw.testing import EchoBackend, echo_registrar, serve
 
-from .support import config, echo_backends, request, through
+from .support import UNARY, config, echo_backends, request, through
 
 NO_CHECKS = {"health_check": {"mode": "none"}}
 KINDS = ("Unary", "ServerStream", "ClientStream", "Bidi")
@@ -162,3 +162,21 @@ async def test_an_update_the_kernels_cannot_take_changes_nothing() -> None:
         with pytest.raises(ValueError, match="weights from 1 to"):
             cluster.update(_endpoints(addrs, [0]))
         assert [e.address for e in t.gateway.clusters["echo"].endpoints] == addrs
+
+
+async def test_a_new_endpoint_is_asked_for_its_method_kinds() -> None:
+    plain, reflecting = EchoBackend("plain"), EchoBackend("reflecting")
+    async with (
+        serve(echo_registrar(plain)) as plain_addr,
+        serve(echo_registrar(reflecting, reflection=True)) as reflecting_addr,
+    ):
+        cfg = config([plain_addr], methods={}, cluster={"reflection": True, **NO_CHECKS})
+        async with through(cfg) as t:
+            cluster = t.gateway.clusters["echo"]
+            assert cluster.kinds == {}  # the first endpoint serves no reflection
+            cluster.update(_endpoints([plain_addr, reflecting_addr], [1, 1]))
+            async with asyncio.timeout(10):
+                while UNARY not in cluster.kinds:
+                    await asyncio.sleep(0.01)
+            assert cluster.kinds[UNARY] is MethodKind.UNARY
+            assert cluster.kinds["/lbgw.echo.v1.Echo/Bidi"] is MethodKind.BIDI_STREAMING
