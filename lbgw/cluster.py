@@ -106,6 +106,7 @@ class Cluster:
         "_closed",
         "_closing",
         "_grace",
+        "_learning",
         "_leaving",
         "_options",
         "affinity",
@@ -145,7 +146,8 @@ class Cluster:
         self._options = list(options)
         self._grace = grace
         self._leaving: set[Endpoint] = set()  # removed, with calls still in flight
-        self._closing: set[asyncio.Task[None]] = set()
+        self._closing: set[asyncio.Task[None]] = set()  # channels of removed endpoints
+        self._learning: set[asyncio.Task[None]] = set()  # reflection of added endpoints
         self._closed = False
 
     def __repr__(self) -> str:
@@ -173,9 +175,7 @@ class Cluster:
         Raises ``NoEligibleEndpointError`` when no endpoint is in rotation.
         """
         if self.affinity is None:
-            decision = self.balancer.pick(exclude).decision
-            assert decision is not None  # Balancer.rebuild gives every endpoint one
-            return decision
+            return self.balancer.pick(exclude).decision
         return self.decide(context.invocation_metadata(), context.peer(), method, exclude)
 
     def decide(
@@ -206,9 +206,7 @@ class Cluster:
             if pinned is None:
                 key = affinity.key(metadata, peer, method)
         if not explain:
-            decision = self._choose(pinned, key, exclude).decision
-            assert decision is not None  # Balancer.rebuild gives every endpoint one
-            return decision
+            return self._choose(pinned, key, exclude).decision
         return self._explained(pinned, token_seen, key, exclude)
 
     def _choose(
@@ -274,47 +272,52 @@ class Cluster:
     def update(self, endpoints: Sequence[EndpointConfig]) -> None:
         """Replace the endpoint set while calls flow: add, remove, reweight, by address.
 
-        Raises ``ValueError`` (and changes nothing) for a set the kernels cannot take.
+        Raises ``ValueError`` (and changes nothing) for a set the kernels
+        cannot take, and ``RuntimeError`` once the cluster is closed. A removed
+        endpoint's calls in flight finish on it; any still running after the
+        grace period end when its channel closes (``CANCELLED``).
         """
+        if self._closed:
+            raise RuntimeError(f"cluster {self.name!r} is closed")
         refused = self.balancer.refuses([(ec.address, ec.weight) for ec in endpoints])
         if refused is not None:  # checked before anything changes
             raise ValueError(f"cluster {self.name!r}: an update needs {refused}")
         current = {e.address: e for e in self.balancer.endpoints}
-        chosen: list[Endpoint] = []
+        chosen: list[tuple[Endpoint, int]] = []
         added: list[Endpoint] = []
-        reweighted: list[str] = []
         for ec in endpoints:
             e = current.pop(ec.address, None)
             if e is None:
                 e = self._endpoint(ec.address, ec.weight)
                 added.append(e)
-            elif e.weight != ec.weight:
-                e.weight = ec.weight
-                reweighted.append(e.address)
-            chosen.append(e)
+            chosen.append((e, ec.weight))
         removed = list(current.values())
+        reweighted = [e.address for e, w in chosen if e.weight != w]
         kernel = self.balancer.kernel
-        for e in removed:
-            self.checker.remove(e)
-            self.health.leave(e, "removed from the cluster")
+        for e in removed:  # out at once; the new set's rotation is pushed once, below
             e.leaving = Leaving(kernel.in_flight(e.index), functools.partial(self._release, e))
-        self.balancer.rebuild(chosen)
+        self.health.leave(removed, "removed from the cluster")
+        for e, weight in chosen:
+            e.weight = weight
+        self.balancer.rebuild([e for e, _ in chosen])
         if self.affinity is not None:
             self.affinity.rebuild()
         self.health.rebuilt()
+        loop = asyncio.get_running_loop()
         for e in removed:
+            self.checker.remove(e)
             e.index = -1
             self._leaving.add(e)
             if e.leaving is not None and e.leaving.active == 0:
                 self._release(e)
             else:
-                asyncio.get_running_loop().call_later(self._grace, self._release, e)
+                loop.call_later(self._grace, self._release, e)
         for e in added:
             self.checker.add(e)
         if added and self.config.reflection:
             task = asyncio.ensure_future(self._learn(added))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self._learning.add(task)
+            task.add_done_callback(self._learning.discard)
         log.info(
             "cluster updated",
             extra=fields(
@@ -349,10 +352,9 @@ class Cluster:
 
     async def _learn(self, endpoints: Sequence[Endpoint]) -> None:
         """Ask endpoints for their method kinds; the kinds known already (config's) stay."""
+        asked = [(e.address, e.backend.channel) for e in endpoints if e.backend is not None]
         found = await discover_kinds(
-            self.name,
-            [e.address for e in endpoints],
-            [e.backend.channel for e in endpoints if e.backend is not None],
+            self.name, [address for address, _ in asked], [channel for _, channel in asked]
         )
         for method, kind in found.items():
             self.kinds.setdefault(method, kind)
@@ -366,10 +368,11 @@ class Cluster:
         self._closed = True
         await self.checker.stop()
         self.health.drain()
-        tasks = set(self._closing)
-        for task in tasks:
+        learning = set(self._learning)
+        for task in learning:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Channels already closing finish closing: a close cut short may leak the core channel.
+        await asyncio.gather(*learning, *self._closing, return_exceptions=True)
         backends = [e.backend for e in (*self.endpoints, *self._leaving) if e.backend is not None]
         self._leaving.clear()
         for backend in backends:

@@ -53,13 +53,13 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import grpc
 
 from lbgw.config import ClusterConfig
+from lbgw.decision import Decision
 from lbgw.exceptions import IllegalTransitionError
 from lbgw.logs import fields
 
 if TYPE_CHECKING:
     from lbgw.backends import Backend
     from lbgw.balancer import Balancer
-    from lbgw.decision import Decision
 
 __all__ = [
     "ELIGIBLE",
@@ -174,8 +174,9 @@ class Endpoint:
         self.index = -1
         #: Method -> the multicallable that forwards it on ``backend`` (``proxy.py``).
         self.calls: dict[str, Any] = {}
-        #: The ``Decision`` of an unexplained pick of this endpoint, made once (``Balancer``).
-        self.decision: Decision | None = None
+        #: The ``Decision`` of an unexplained pick of this endpoint, made once per
+        #: layout (``Balancer.rebuild`` gives it the strategy).
+        self.decision = Decision(self, "")
         self.token: tuple[str, str] | None = None  # the sticky token's metadata entry
         self.share = 1.0  # slow start: the share of ``weight`` in force
         self.state = State.UNKNOWN
@@ -375,9 +376,15 @@ class ClusterHealth:
             self._ramp_timer.cancel()
             self._ramp_timer = None
 
-    def leave(self, e: Endpoint, reason: str) -> None:
-        """``e`` leaves the cluster (``Cluster.update``): out of rotation at once, for good."""
-        self._apply(e, Event.DRAIN, reason)
+    def leave(self, endpoints: Sequence[Endpoint], reason: str) -> None:
+        """These leave the cluster (``Cluster.update``): ``DRAINING``, for good.
+
+        Rotation is pushed to the balancer once the new set is in
+        (``rebuilt``), not per endpoint: a cluster whose every endpoint is
+        replaced never looks empty in between.
+        """
+        for e in endpoints:
+            self._apply(e, Event.DRAIN, reason, sync=False)
 
     def rebuilt(self) -> None:
         """The balancer has a new endpoint set: push every endpoint's rotation to it."""
@@ -385,7 +392,7 @@ class ClusterHealth:
 
     # -- the transitions and what follows from them -------------------------
 
-    def _apply(self, e: Endpoint, event: Event, reason: str) -> None:
+    def _apply(self, e: Endpoint, event: Event, reason: str, *, sync: bool = True) -> None:
         old = e.state
         new = transition(old, event)
         if new is old:
@@ -413,7 +420,8 @@ class ClusterHealth:
                 reason=reason,
             ),
         )
-        self._sync()
+        if sync:
+            self._sync()
 
     def _sync(self) -> None:
         """Push rotation and slow-start shares to the balancer; tell the listeners."""

@@ -166,8 +166,10 @@ class Proxy(grpc.GenericRpcHandler):
             # Its multicallables go too, so invented method names cannot grow them.
             gone = self._router.match(evicted)
             if gone is not None:
+                keys = [_call_key(evicted, kind) for kind in _MULTICALLABLE]
                 for e in gone.cluster.endpoints:
-                    e.calls.pop(evicted, None)
+                    for key in keys:
+                        e.calls.pop(key, None)
         return handler
 
     def _build(self, target: Target, method: str) -> _Handler:
@@ -253,9 +255,22 @@ class _Progress:
         self.headers_ns = 0
 
 
-#: The progress of an attempt with a unary request and a unary response: it
-#: never reads a stream and relays nothing before it has succeeded. Never changed.
-_UNARY: Final = _Progress()
+class _Unary(_Progress):
+    """The progress of an attempt with a unary request and a unary response: it
+    never reads a stream and relays nothing before it has succeeded. One, shared:
+    it refuses to change."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        for name in _Progress.__slots__:
+            object.__setattr__(self, name, 0 if name == "headers_ns" else False)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"the unary attempts' shared progress cannot change ({name})")
+
+
+_UNARY: Final = _Unary()
 
 
 async def _feed(
@@ -393,10 +408,20 @@ _MULTICALLABLE: Final[dict[MethodKind | None, Callable[[aio.Channel, str], Any]]
 }
 
 
-def _multicallable(e: Endpoint, method: str, kind: MethodKind | None) -> Any:
+def _call_key(method: str, kind: MethodKind | None) -> str:
+    """The key of ``method``'s multicallable of ``kind`` in ``Endpoint.calls``.
+
+    Kind and method both: a method's kind can become known after start-up
+    (reflection of a new endpoint), and a handler built before still calls
+    the form it was built for.
+    """
+    return f"{kind.value if kind is not None else 'unknown'} {method}"
+
+
+def _multicallable(e: Endpoint, key: str, method: str, kind: MethodKind | None) -> Any:
     """``e``'s multicallable for ``method``, made on first use and kept on the endpoint."""
     assert e.backend is not None, "a forwarded-to endpoint has a channel"
-    call = e.calls[method] = _MULTICALLABLE[kind](e.backend.channel, method)
+    call = e.calls[key] = _MULTICALLABLE[kind](e.backend.channel, method)
     return call
 
 
@@ -421,6 +446,7 @@ def _forwarder(  # noqa: PLR0915 - the attempt loop, inline: it runs on every ca
     clock = time.monotonic_ns
     traced = telemetry.enabled
     sticky = cluster.affinity is not None and cluster.affinity.sticky is not None
+    key = _call_key(method, kind)
 
     async def forward(request: Any, context: _Context) -> Any:  # noqa: PLR0912, PLR0915
         tr = TracedCall(telemetry, target, method, context) if traced else None
@@ -439,11 +465,11 @@ def _forwarder(  # noqa: PLR0915 - the attempt loop, inline: it runs on every ca
                 start = clock()
                 latency: int | None = None
                 call = feeder = None
-                progress = _UNARY
+                progress: _Progress = _UNARY
                 code, details = _CANCELLED, _GONE  # this attempt's, until it ends
                 try:
                     sent = metadata if tr is None else tr.metadata(metadata)
-                    multicallable = e.calls.get(method) or _multicallable(e, method, kind)
+                    multicallable = e.calls.get(key) or _multicallable(e, key, method, kind)
                     timeout = context.time_remaining()
                     if streaming_request:
                         progress = _Progress()

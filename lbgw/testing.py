@@ -287,8 +287,10 @@ def offline_cluster(
     """A ``Cluster`` of ``config`` without channels or checks, for picking in unit tests.
 
     Its endpoints have no backend and its health checker never starts:
-    ``pick``, ``decide`` and ``update``'s bookkeeping run as in the gateway;
-    health follows ``clock`` (a new ``ManualClock`` by default).
+    ``pick`` and ``decide`` run as in the gateway, and health follows
+    ``clock`` (a new ``ManualClock`` by default). Its ``update`` is the
+    gateway's, so the endpoints it adds get real channels and checks: call it
+    only from an event loop, with loopback addresses.
     """
     clock = clock or ManualClock()
     balancer = Balancer(config)

@@ -180,3 +180,40 @@ async def test_a_new_endpoint_is_asked_for_its_method_kinds() -> None:
                     await asyncio.sleep(0.01)
             assert cluster.kinds[UNARY] is MethodKind.UNARY
             assert cluster.kinds["/lbgw.echo.v1.Echo/Bidi"] is MethodKind.BIDI_STREAMING
+
+
+async def test_replacing_every_endpoint_never_shows_the_cluster_empty() -> None:
+    backends = [EchoBackend(name) for name in "abcd"]
+    async with echo_backends(*backends) as addrs:
+        cfg = config(addrs[:2], cluster={"panic_threshold": 50, **NO_CHECKS})
+        async with through(cfg) as t:
+            cluster = t.gateway.clusters["echo"]
+            seen: list[bool] = []
+            cluster.health.on_change(lambda h: seen.append(h.serving))
+            cluster.update(_endpoints(addrs[2:], [1, 1]))
+            assert seen and all(seen)  # lbgw's own health for "echo" stayed SERVING
+            assert not cluster.health.panic
+            got = {(await t.stub.Unary(request())).backend for _ in range(4)}
+            assert got == {"c", "d"}
+
+
+async def test_a_reweight_during_slow_start_is_taken_whole_or_not_at_all() -> None:
+    backends = [EchoBackend(name) for name in "ab"]
+    async with echo_backends(*backends) as addrs:
+        cfg = config(addrs, cluster={"slow_start": {"window": 10}, **NO_CHECKS})
+        async with through(cfg) as t:
+            cluster = t.gateway.clusters["echo"]
+            a, b = cluster.endpoints
+            cluster.health.check_failed(a, "test", explicit=True)
+            cluster.health.check_passed(a, "test", explicit=True)  # back: ramping
+            assert a.ramp_from is not None and a.share < 1
+            # 50,000 x the old scale (1,000 for weights of 1) would overflow the old kernel.
+            cluster.update(_endpoints([addrs[0]], [50_000]))
+            assert cluster.endpoints == (a,) and a.weight == 50_000 and a.share < 1
+            assert b.state is State.DRAINING and b.index == -1
+            with pytest.raises(ValueError, match="weights from 1 to"):
+                cluster.update(_endpoints(addrs, [50_000, 2**25]))
+            assert cluster.endpoints == (a,) and a.weight == 50_000  # unchanged
+            assert (await t.stub.Unary(request())).backend == "a"
+        with pytest.raises(RuntimeError, match="is closed"):
+            cluster.update(_endpoints(addrs, [1, 1]))
