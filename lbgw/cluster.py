@@ -257,7 +257,6 @@ class Cluster:
         return Decision(
             e,
             self.strategy,
-            explained=True,
             hash_key=hash_key,
             ring_position=position,
             pinned=pinned is not None,
@@ -330,9 +329,7 @@ class Cluster:
         )
 
     def _endpoint(self, address: str, weight: int) -> Endpoint:
-        backend = Backend(self.name, address, self._options)
-        backend.connect()
-        return Endpoint(address, weight, backend)
+        return _connected(self.name, address, weight, self._options)
 
     def _release(self, e: Endpoint) -> None:
         """A removed endpoint's last call ended, or its grace period did: close its channel."""
@@ -423,6 +420,15 @@ def sticky_secret(cluster: ClusterConfig) -> bytes:
     return secrets.token_bytes(32)
 
 
+def _connected(
+    cluster: str, address: str, weight: int, options: Sequence[tuple[str, Any]]
+) -> Endpoint:
+    """An endpoint with its channel, connecting from now on, not from its first call."""
+    backend = Backend(cluster, address, options)
+    backend.connect()
+    return Endpoint(address, weight, backend)
+
+
 def build_cluster(
     config: ClusterConfig,
     limits: Limits,
@@ -437,11 +443,7 @@ def build_cluster(
     """
     loop = asyncio.get_running_loop()
     options = channel_options(config, limits)
-    endpoints = []
-    for ec in config.endpoints:
-        backend = Backend(config.name, ec.address, options)
-        backend.connect()
-        endpoints.append(Endpoint(ec.address, ec.weight, backend))
+    endpoints = [_connected(config.name, e.address, e.weight, options) for e in config.endpoints]
     balancer = Balancer(config, endpoints)
     health = ClusterHealth(config, balancer, clock=loop.time, call_later=loop.call_later)
     checker = HealthChecker(health, config.health_check, telemetry)

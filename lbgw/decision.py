@@ -39,12 +39,11 @@ class Decision:
     says why the usual choice was not taken (no hash key, or a sticky
     endpoint out of rotation), and the strategy's kernel chose instead.
     ``candidates``, ``skipped`` and ``pick_ns`` are filled only when the
-    pick was explained.
+    pick was explained (``pick_ns`` is None otherwise).
     """
 
     endpoint: Endpoint
     strategy: str
-    explained: bool = False
     hash_key: str | None = None
     ring_position: int | None = None
     pinned: bool = False
@@ -56,8 +55,3 @@ class Decision:
     @property
     def address(self) -> str:
         return self.endpoint.address
-
-    @property
-    def keyed(self) -> bool:
-        """Whether a key or a token chose the endpoint, rather than the scores."""
-        return self.pinned or self.ring_position is not None

@@ -172,7 +172,8 @@ class Endpoint:
         self.weight = weight
         self.backend = backend
         self.index = -1
-        #: Method -> the multicallable that forwards it on ``backend`` (``proxy.py``).
+        #: The multicallables that forward a method on ``backend``, by kind and method
+        #: (``proxy._call_key``), made on first use.
         self.calls: dict[str, Any] = {}
         #: The ``Decision`` of an unexplained pick of this endpoint, made once per
         #: layout (``Balancer.rebuild`` gives it the strategy).

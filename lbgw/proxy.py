@@ -447,6 +447,8 @@ def _forwarder(  # noqa: PLR0915 - the attempt loop, inline: it runs on every ca
     traced = telemetry.enabled
     sticky = cluster.affinity is not None and cluster.affinity.sticky is not None
     key = _call_key(method, kind)
+    # Only a unary request with a unary response makes no progress worth a record.
+    tracks_progress = streaming_request or not unary_response
 
     async def forward(request: Any, context: _Context) -> Any:  # noqa: PLR0912, PLR0915
         tr = TracedCall(telemetry, target, method, context) if traced else None
@@ -465,14 +467,13 @@ def _forwarder(  # noqa: PLR0915 - the attempt loop, inline: it runs on every ca
                 start = clock()
                 latency: int | None = None
                 call = feeder = None
-                progress: _Progress = _UNARY
+                progress = _Progress() if tracks_progress else _UNARY
                 code, details = _CANCELLED, _GONE  # this attempt's, until it ends
                 try:
                     sent = metadata if tr is None else tr.metadata(metadata)
                     multicallable = e.calls.get(key) or _multicallable(e, key, method, kind)
                     timeout = context.time_remaining()
                     if streaming_request:
-                        progress = _Progress()
                         call = multicallable(metadata=sent, timeout=timeout)
                         handler = asyncio.current_task()
                         assert handler is not None  # grpc.aio runs every handler in a task
@@ -490,8 +491,6 @@ def _forwarder(  # noqa: PLR0915 - the attempt loop, inline: it runs on every ca
                         if initial:
                             await context.send_initial_metadata(initial)
                     else:
-                        if progress is _UNARY:
-                            progress = _Progress()
                         response = None
                         await _relay_stream(call, context, token, progress)
                         latency = progress.headers_ns - start

@@ -17,13 +17,12 @@ import grpc
 import pytest
 from grpc import aio
 
-from lbgw.cluster import Cluster
 from lbgw.config import EndpointConfig, MethodKind
 from lbgw.endpoints import State
 from lbgw.pb import echo_pb2
 from lbgw.testing import EchoBackend, echo_registrar, serve
 
-from .support import UNARY, config, echo_backends, request, through
+from .support import UNARY, config, echo_backends, in_flight, request, settle, through
 
 NO_CHECKS = {"health_check": {"mode": "none"}}
 KINDS = ("Unary", "ServerStream", "ClientStream", "Bidi")
@@ -54,11 +53,6 @@ async def _call(stub: Any, kind: str) -> str:
 
 def _endpoints(addresses: Sequence[str], weights: Sequence[int]) -> list[EndpointConfig]:
     return [EndpointConfig(a, w) for a, w in zip(addresses, weights, strict=True)]
-
-
-def _in_flight(cluster: Cluster) -> list[int]:
-    kernel = cluster.balancer.kernel
-    return [kernel.in_flight(i) for i in range(kernel.n)]
 
 
 async def test_fifty_updates_under_load_lose_no_call_and_leak_nothing() -> None:
@@ -95,10 +89,9 @@ async def test_fifty_updates_under_load_lose_no_call_and_leak_nothing() -> None:
 
             assert failures == []
             assert sum(made.values()) > 100 and removed_seen > 10
-            async with asyncio.timeout(10):  # cancels and ends settle asynchronously
-                while any(_in_flight(cluster)) or cluster.budget.active:
-                    await asyncio.sleep(0.01)
-            assert _in_flight(cluster) == [0] * len(cluster.endpoints)
+            # Cancels and ends settle asynchronously.
+            assert await settle(t.gateway, 10) == [0] * len(cluster.endpoints)
+            assert cluster.budget.active == 0
 
             # The last set's weights decide the split: swrr gives each its exact share.
             cluster.update(_endpoints([by_name["a"], by_name["c"]], [1, 3]))
@@ -142,7 +135,7 @@ async def test_an_endpoint_that_stays_keeps_its_state_and_a_removed_one_drains()
         async with asyncio.timeout(5):
             while channel.get_state() is not grpc.ChannelConnectivity.SHUTDOWN:
                 await asyncio.sleep(0.01)
-        assert _in_flight(cluster) == [0]
+        assert in_flight(t.gateway) == [0]
         # New calls go to the one left; a new endpoint joins with a channel of its own.
         assert {r.backend for r in [await t.stub.Unary(request()) for _ in range(3)]} == {"fast"}
         cluster.update(_endpoints([fast_addr, slow_addr], [1, 1]))
