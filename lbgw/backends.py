@@ -45,10 +45,20 @@ class Backend:
 
     __slots__ = ("address", "channel", "cluster")
 
-    def __init__(self, cluster: str, address: str, options: Sequence[tuple[str, Any]]) -> None:
+    def __init__(
+        self,
+        cluster: str,
+        address: str,
+        options: Sequence[tuple[str, Any]],
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        """``credentials``: TLS to the endpoint (``tls.ClientTls``); None: plaintext."""
         self.cluster = cluster
         self.address = address
-        self.channel = aio.insecure_channel(address, options=list(options))
+        if credentials is None:
+            self.channel = aio.insecure_channel(address, options=list(options))
+        else:
+            self.channel = aio.secure_channel(address, credentials, options=list(options))
 
     def __repr__(self) -> str:
         state = self.channel.get_state(try_to_connect=False).name

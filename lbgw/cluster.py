@@ -56,6 +56,8 @@ from lbgw.telemetry import Telemetry
 if TYPE_CHECKING:
     from grpc import aio
 
+    from lbgw.tls import ClientTls
+
     _Context: TypeAlias = aio.ServicerContext[Any, Any]
 
 __all__ = ["Cluster", "RetryBudget", "Target", "build_cluster"]
@@ -105,6 +107,7 @@ class Cluster:
     __slots__ = (
         "_closed",
         "_closing",
+        "_credentials",
         "_grace",
         "_learning",
         "_leaving",
@@ -131,6 +134,7 @@ class Cluster:
         affinity: Affinity | None = None,
         options: Sequence[tuple[str, Any]] = (),
         grace: float = 10.0,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -144,6 +148,7 @@ class Cluster:
         self.retries = config.retries
         self.budget = RetryBudget(config.retries)
         self._options = list(options)
+        self._credentials = credentials  # TLS to the endpoints; None: plaintext
         self._grace = grace
         self._leaving: set[Endpoint] = set()  # removed, with calls still in flight
         self._closing: set[asyncio.Task[None]] = set()  # channels of removed endpoints
@@ -329,7 +334,31 @@ class Cluster:
         )
 
     def _endpoint(self, address: str, weight: int) -> Endpoint:
-        return _connected(self.name, address, weight, self._options)
+        return _connected(self.name, address, weight, self._options, self._credentials)
+
+    def renew_channels(self, credentials: grpc.ChannelCredentials) -> None:
+        """New TLS credentials (files changed): every endpoint gets a new channel.
+
+        Calls start on the new channels at once; those in flight finish on
+        the old ones, which close after the grace period. The health checks
+        restart on the new channels. Endpoints leaving keep theirs.
+        """
+        if self._closed:
+            return
+        self._credentials = credentials
+        for e in self.endpoints:
+            old = e.backend
+            backend = Backend(self.name, e.address, self._options, credentials)
+            backend.connect()
+            e.backend = backend
+            e.calls.clear()
+            self.checker.remove(e)
+            self.checker.add(e)
+            if old is not None:
+                task = asyncio.ensure_future(old.close(self._grace))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+        log.info("channels renewed", extra=fields(cluster=self.name, reason="TLS files changed"))
 
     def _release(self, e: Endpoint) -> None:
         """A removed endpoint's last call ended, or its grace period did: close its channel."""
@@ -421,10 +450,14 @@ def sticky_secret(cluster: ClusterConfig) -> bytes:
 
 
 def _connected(
-    cluster: str, address: str, weight: int, options: Sequence[tuple[str, Any]]
+    cluster: str,
+    address: str,
+    weight: int,
+    options: Sequence[tuple[str, Any]],
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> Endpoint:
     """An endpoint with its channel, connecting from now on, not from its first call."""
-    backend = Backend(cluster, address, options)
+    backend = Backend(cluster, address, options, credentials)
     backend.connect()
     return Endpoint(address, weight, backend)
 
@@ -435,6 +468,7 @@ def build_cluster(
     *,
     telemetry: Telemetry | None = None,
     grace: float = 10.0,
+    tls: ClientTls | None = None,
 ) -> Cluster:
     """The cluster ``config`` describes, its channels connecting and its checks started.
 
@@ -443,7 +477,13 @@ def build_cluster(
     """
     loop = asyncio.get_running_loop()
     options = channel_options(config, limits)
-    endpoints = [_connected(config.name, e.address, e.weight, options) for e in config.endpoints]
+    credentials = None
+    if tls is not None:  # TLS to the endpoints (issue 14): the name verified, the credentials
+        options += tls.options
+        credentials = tls.credentials
+    endpoints = [
+        _connected(config.name, e.address, e.weight, options, credentials) for e in config.endpoints
+    ]
     balancer = Balancer(config, endpoints)
     health = ClusterHealth(config, balancer, clock=loop.time, call_later=loop.call_later)
     checker = HealthChecker(health, config.health_check, telemetry)
@@ -458,6 +498,7 @@ def build_cluster(
         affinity=affinity,
         options=options,
         grace=grace,
+        credentials=credentials,
     )
     checker.start()
     return cluster

@@ -67,6 +67,9 @@ from lbgw.logs import fields
 from lbgw.routing import Router
 from lbgw.telemetry import Telemetry, TracedCall, end_span
 
+if TYPE_CHECKING:
+    from lbgw.tls import ClientIdentity
+
 __all__ = ["Proxy", "forwarded_metadata"]
 
 log = logging.getLogger("lbgw.proxy")
@@ -89,6 +92,10 @@ HOP_BY_HOP: Final = frozenset(
         "user-agent",
     }
 )
+#: Never forwarded as a client sent it: lbgw's own ``x-forwarded-client-cert`` (Envoy's
+#: XFCC, with ``forward_client_cert``) is the only one a backend may see, so it cannot
+#: be spoofed (issue 14).
+_DROPPED: Final = HOP_BY_HOP | {"x-forwarded-client-cert"}
 #: Prefixes reserved to gRPC and HTTP/2: gRPC sets these per hop itself.
 RESERVED_PREFIXES: Final = ("grpc-", ":")
 
@@ -107,7 +114,7 @@ def forwarded_metadata(metadata: _Metadata | None) -> _Forwarded:
     if not metadata:
         return None
     kept = tuple(
-        m for m in metadata if m[0] not in HOP_BY_HOP and not m[0].startswith(RESERVED_PREFIXES)
+        m for m in metadata if m[0] not in _DROPPED and not m[0].startswith(RESERVED_PREFIXES)
     )
     return kept or None
 
@@ -126,9 +133,13 @@ class Proxy(grpc.GenericRpcHandler):
         router: Router[Target],
         clusters: Iterable[Cluster],
         telemetry: Telemetry | None = None,
+        *,
+        identity: ClientIdentity | None = None,
     ) -> None:
+        """``identity``: add the client certificate's XFCC to forwarded calls (issue 14)."""
         self._router = router
         self._telemetry = telemetry or Telemetry(TracingConfig(exporter="none"))
+        self._identity = identity
         self._known: dict[str, _Handler] = {}
         self._recent: collections.OrderedDict[str, _Handler] = collections.OrderedDict()
         for cluster in clusters:
@@ -174,7 +185,7 @@ class Proxy(grpc.GenericRpcHandler):
 
     def _build(self, target: Target, method: str) -> _Handler:
         kind = target.cluster.kinds.get(method)
-        forward = _forwarder(target, method, kind, self._telemetry)
+        forward = _forwarder(target, method, kind, self._telemetry, self._identity)
         if kind is MethodKind.UNARY:  # gRPC's fast path
             return grpc.unary_unary_rpc_method_handler(forward)
         if kind is MethodKind.CLIENT_STREAMING:
@@ -426,7 +437,11 @@ def _multicallable(e: Endpoint, key: str, method: str, kind: MethodKind | None) 
 
 
 def _forwarder(  # noqa: PLR0915 - the attempt loop, inline: it runs on every call
-    target: Target, method: str, kind: MethodKind | None, telemetry: Telemetry
+    target: Target,
+    method: str,
+    kind: MethodKind | None,
+    telemetry: Telemetry,
+    identity: ClientIdentity | None = None,
 ) -> Callable[[Any, _Context], Awaitable[Any]]:
     """The handler of ``method``: one attempt loop for every call kind.
 
@@ -457,6 +472,8 @@ def _forwarder(  # noqa: PLR0915 - the attempt loop, inline: it runs on every ca
         except NoEligibleEndpointError as exc:
             await _refuse(context, tr, exc)
         metadata = forwarded_metadata(context.invocation_metadata())
+        if identity is not None:  # forward_client_cert: the verified client's XFCC
+            metadata = identity.forwarded(context, metadata)
         attempt = 1
         # What the trace says if the handler is cancelled:
         code: grpc.StatusCode = _CANCELLED

@@ -28,6 +28,15 @@ from lbgw.logs import fields
 from lbgw.proxy import Proxy
 from lbgw.routing import Router
 from lbgw.telemetry import Telemetry
+from lbgw.tls import (
+    ClientTls,
+    IdentityInterceptor,
+    ServerTls,
+    TlsFileError,
+    TlsState,
+    as_config_error,
+    client_identity,
+)
 
 __all__ = ["Gateway"]
 
@@ -52,9 +61,18 @@ class Gateway:
     """lbgw itself: ``async with Gateway(config) as gw: ... gw.addresses``."""
 
     def __init__(
-        self, config: Config, *, reuse_port: bool = False, telemetry: Telemetry | None = None
+        self,
+        config: Config,
+        *,
+        reuse_port: bool = False,
+        telemetry: Telemetry | None = None,
+        tls_poll_interval: float = 5.0,
     ) -> None:
-        """``telemetry`` replaces the one ``config.tracing`` describes (tests pass their own)."""
+        """``telemetry`` replaces the one ``config.tracing`` describes (tests pass their own).
+
+        ``tls_poll_interval``: seconds between looks at the backend TLS files
+        (listener files are looked at by each new connection).
+        """
         self.config = config
         self.telemetry = telemetry if telemetry is not None else Telemetry(config.tracing)
         self._reuse_port = reuse_port
@@ -63,6 +81,12 @@ class Gateway:
         self.proxy: Proxy | None = None
         self.health = HealthService()
         self.addresses: list[str] = []
+        #: TLS (issue 14): the certificates in use and the reloads, for the operator's view.
+        self.tls = TlsState()
+        self.listener_tls: dict[str, ServerTls] = {}  # by listener address as configured
+        self.cluster_tls: dict[str, ClientTls] = {}
+        self._tls_poll_interval = tls_poll_interval
+        self._tls_watch: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         state = "serving" if self.addresses and self._server is not None else "stopped"
@@ -91,34 +115,55 @@ class Gateway:
     async def _start(self) -> None:
         config = self.config
         _grpc_private.check()
+        self._load_tls()
         for cc in config.clusters:
             cluster = build_cluster(
-                cc, config.limits, telemetry=self.telemetry, grace=config.grace_period
+                cc,
+                config.limits,
+                telemetry=self.telemetry,
+                grace=config.grace_period,
+                tls=self.cluster_tls.get(cc.name),
             )
             self.clusters[cc.name] = cluster
             self.health.track(cluster.health)
         for cluster in self.clusters.values():
             await cluster.learn_kinds()
 
-        server = aio.server(options=server_options(config, reuse_port=self._reuse_port))
+        identity = client_identity(config)
+        interceptors = [IdentityInterceptor(identity)] if identity and identity.allowed else []
+        server = aio.server(
+            options=server_options(config, reuse_port=self._reuse_port),
+            interceptors=interceptors,
+        )
         self._server = server
         clusters = self.clusters
 
         def target(route: RouteConfig) -> Target:
             return Target.of(route, clusters)
 
-        self.proxy = Proxy(Router(config.routes, target), clusters.values(), self.telemetry)
+        self.proxy = Proxy(
+            Router(config.routes, target),
+            clusters.values(),
+            self.telemetry,
+            identity=identity if identity is not None and identity.forward else None,
+        )
         # lbgw's own health service comes first, so its calls are never forwarded.
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         server.add_generic_rpc_handlers((self.proxy,))
         for listener in config.listeners:
             try:
-                port = server.add_insecure_port(listener.address)
+                server_tls = self.listener_tls.get(listener.address)
+                if server_tls is None:
+                    port = server.add_insecure_port(listener.address)
+                else:  # one credentials object per port: see lbgw.tls
+                    port = server.add_secure_port(listener.address, server_tls.credentials())
             except RuntimeError as exc:  # grpcio raises when it cannot bind
                 raise StartError(f"cannot listen on {listener.address}: {exc}") from exc
             host, _ = parse_address(listener.address)
             self.addresses.append(f"{host}:{port}")
         await server.start()
+        if self.cluster_tls:
+            self._tls_watch = asyncio.ensure_future(self._watch_cluster_tls())
         for address in self.addresses:
             log.info("listening", extra=fields(address=address))
         for cluster in self.clusters.values():
@@ -132,6 +177,33 @@ class Gateway:
                     health_check=self.config.cluster(cluster.name).health_check.mode,
                 ),
             )
+
+    def _load_tls(self) -> None:
+        """Every listener's and cluster's certificates; a bad file is a ``ConfigError``."""
+        config = self.config
+        try:
+            for n, listener in enumerate(config.listeners):
+                if listener.tls is not None:
+                    self.listener_tls[listener.address] = ServerTls(
+                        listener.address, listener.tls, f"listeners[{n}].tls", self.tls
+                    )
+            for cc in config.clusters:
+                if cc.tls is not None:
+                    self.cluster_tls[cc.name] = ClientTls(cc.name, cc.tls, self.tls)
+        except TlsFileError as exc:
+            raise as_config_error(config.source, exc) from None
+
+    async def _watch_cluster_tls(self) -> None:
+        """Look at the backend TLS files; when they changed and are good, renew the channels."""
+        while True:
+            await asyncio.sleep(self._tls_poll_interval)
+            for name, ctls in list(self.cluster_tls.items()):
+                if not ctls.changed():
+                    continue
+                renewed = ctls.reload()
+                if renewed is not None:
+                    self.cluster_tls[name] = renewed
+                    self.clusters[name].renew_channels(renewed.credentials)
 
     async def wait(self) -> None:
         """Until the server stops."""
@@ -162,6 +234,9 @@ class Gateway:
             await self._close(server, None if grace is None else grace - delay)
 
     async def _close(self, server: aio.Server | None, grace: float | None) -> None:
+        if self._tls_watch is not None:
+            self._tls_watch.cancel()
+            self._tls_watch = None
         if server is not None:
             self.health.end_watches()
             await server.stop(grace)

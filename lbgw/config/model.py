@@ -42,6 +42,12 @@ from lbgw.kernels import (
     is_prime,
 )
 
+
+def _non_empty_path(text: str) -> None:
+    if not text:
+        raise Invalid("the path of a PEM file", text)
+
+
 #: gRPC's own default for received messages, used both ways.
 DEFAULT_MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
 #: The largest message size gRPC can carry (a signed 32-bit length).
@@ -115,9 +121,60 @@ class MethodKind(enum.Enum):
         return cls.SERVER_STREAMING if server_streaming else cls.UNARY
 
 
+# -- TLS (issue 14): a listener's and a cluster's certificates ---------------------------------
+
+_PEM_FILE: Final = "the path of a PEM file"
+
+
+def _san(text: str) -> None:
+    if not text or any(c.isspace() for c in text):
+        raise Invalid('a subject alternative name such as "client.example.com"', text)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTlsConfig:
+    """``[[listeners]] tls = {...}``: TLS on a listener, mTLS with ``client_ca_file``.
+
+    The files are read at start (an unreadable file, a key that does not
+    match, an expired certificate stop lbgw) and again whenever they change,
+    for new connections (``lbgw.tls``). grpcio can only require a client
+    certificate or not ask for one, so ``client_ca_file`` and
+    ``require_client_cert = true`` go together.
+    """
+
+    cert_file: str = field(metadata=spec(check=_non_empty_path, expected=_PEM_FILE))
+    key_file: str = field(metadata=spec(check=_non_empty_path, expected=_PEM_FILE))
+    #: The CA that client certificates must chain to (mTLS).
+    client_ca_file: str = ""
+    require_client_cert: bool = False
+    #: Client certificates whose SANs include none of these get UNAUTHENTICATED.
+    allowed_client_sans: tuple[str, ...] = field(
+        default=(), metadata=spec(check=_san, expected="an array of names")
+    )
+    #: Send the verified client's subject and SANs to backends as x-forwarded-client-cert.
+    forward_client_cert: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterTlsConfig:
+    """``[clusters.NAME.tls]``: TLS to the cluster's endpoints, always verified.
+
+    ``ca_file`` empty: gRPC's bundled roots. ``cert_file`` and ``key_file``
+    (both or neither): the client certificate lbgw presents (mTLS).
+    ``server_name``: the name verified in the backend's certificate, and sent
+    as SNI and ``:authority`` (default: the endpoint's host).
+    """
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    server_name: str = ""
+
+
 @dataclass(frozen=True, slots=True)
 class ListenerConfig:
     address: str = field(metadata=spec(check=listener_address, expected="an address host:port"))
+    tls: ListenerTlsConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,6 +378,8 @@ class ClusterConfig:
     #: Envoy's panic threshold, in percent: below this share of healthy
     #: endpoints, route to all of them. 0 (the default) turns it off.
     panic_threshold: float = field(default=0.0, metadata=spec(high=100))
+    #: TLS to the endpoints (issue 14); None: plaintext.
+    tls: ClusterTlsConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,9 @@ from lbgw.config.model import (
     ROUTE_MATCHES,
     WEIGHTED_STRATEGIES,
     ClusterConfig,
+    ClusterTlsConfig,
     Config,
+    ListenerTlsConfig,
     RouteConfig,
     TracingConfig,
 )
@@ -98,6 +100,7 @@ def check_tracing(tracing: TracingConfig, table: Mapping[str, Any]) -> None:
 
 def check_config(config: Config, table: Mapping[str, Any]) -> None:
     """Each route names a cluster that exists, and matches what no other route does."""
+    check_client_identity(config)
     names = {c.name for c in config.clusters}
     seen: set[tuple[str, str]] = set()
     for n, route in enumerate(config.routes):
@@ -147,11 +150,64 @@ def _route(reader: Reader, item: object, key: str) -> RouteConfig:
     return reader.section(RouteConfig, rest, key, preset={"match": match, "value": text})
 
 
+# -- TLS (issue 14) ---------------------------------------------------------------------------
+
+
+def check_listener_tls(tls: ListenerTlsConfig, table: Mapping[str, Any]) -> None:
+    """mTLS needs a CA and a required certificate together; identity needs mTLS.
+
+    grpcio's server credentials either require a verified client certificate
+    or do not ask for one (``dynamic_ssl_server_credentials``), so a CA
+    without ``require_client_cert`` would verify nothing.
+    """
+    if tls.client_ca_file and not tls.require_client_cert:
+        raise Invalid(
+            "true with client_ca_file (lbgw cannot ask for an optional client certificate)",
+            tls.require_client_cert,
+            at="require_client_cert",
+        )
+    if tls.require_client_cert and not tls.client_ca_file:
+        raise Invalid(
+            "the CA that client certificates must chain to, with require_client_cert = true",
+            at="client_ca_file",
+        )
+    for key in ("allowed_client_sans", "forward_client_cert"):
+        if getattr(tls, key) and not tls.require_client_cert:
+            raise Invalid(f"client certificates (client_ca_file) with {key}", at=key)
+
+
+def check_cluster_tls(tls: ClusterTlsConfig, table: Mapping[str, Any]) -> None:
+    """A client certificate comes with its key."""
+    if bool(tls.cert_file) != bool(tls.key_file):
+        missing = "key_file" if tls.cert_file else "cert_file"
+        other = "cert_file" if tls.cert_file else "key_file"
+        raise Invalid(f"{missing} as well as {other}, for a client certificate", at=missing)
+
+
+def check_client_identity(config: Config) -> None:
+    """One grpc server serves every listener and a call does not say which one it came in on,
+    so the client-identity settings are the same on every listener, and all are mTLS."""
+    listeners = config.listeners
+    first = listeners[0].tls
+    for n, listener in enumerate(listeners):
+        tls = listener.tls
+        for key in ("allowed_client_sans", "forward_client_cert"):
+            mine = getattr(tls, key) if tls is not None else None
+            theirs = getattr(first, key) if first is not None else None
+            if mine != theirs and (mine or theirs):
+                raise Invalid(
+                    f"the same {key} on every listener (one server serves them all)",
+                    at=f"listeners[{n}].tls.{key}" if tls is not None else f"listeners[{n}].tls",
+                )
+
+
 #: Checks run on a section once it is built, by the section's class.
 CHECKS: Final[Mapping[type, tuple[Callable[[Any, Mapping[str, Any]], None], ...]]] = {
     ClusterConfig: (check_cluster,),
     TracingConfig: (check_tracing,),
     Config: (check_config,),
+    ListenerTlsConfig: (check_listener_tls,),
+    ClusterTlsConfig: (check_cluster_tls,),
 }
 #: Fields read by hand: (section class, field) -> read(reader, value or None, key, siblings).
 READERS: Final[Mapping[tuple[type, str], Callable[..., Any]]] = {
