@@ -41,7 +41,6 @@ from lbgw.config import (
     STICKY_SECRET_ENV,
     STRATEGIES,
     Config,
-    ListenerConfig,
     MethodKind,
     TracingConfig,
     config_from_mapping,
@@ -155,6 +154,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds between health checks (default 5; quick form)",
     )
+    _tls_flags(serve)
     serve.add_argument("--workers", type=int, metavar="N", help="worker processes (default 1)")
     serve.add_argument("--grace", type=float, metavar="SECONDS", help="drain time on SIGTERM")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
@@ -176,6 +176,79 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# -- TLS (issue 14): the quick form's flags -------------------------------------------------------
+
+#: Quick-form flag -> (where, key) in the config it builds.
+_TLS_FLAGS: Final = {
+    "--tls-cert": ("listener", "cert_file"),
+    "--tls-key": ("listener", "key_file"),
+    "--tls-client-ca": ("listener", "client_ca_file"),
+    "--backend-ca": ("cluster", "ca_file"),
+    "--backend-cert": ("cluster", "cert_file"),
+    "--backend-key": ("cluster", "key_file"),
+    "--backend-server-name": ("cluster", "server_name"),
+}
+
+
+def _tls_flags(serve: argparse.ArgumentParser) -> None:
+    helps = {
+        "--tls-cert": "the listeners' certificate chain, PEM: TLS on every listener (quick form)",
+        "--tls-key": "the key of --tls-cert, PEM (quick form)",
+        "--tls-client-ca": "require client certificates chaining to this CA, PEM: mTLS "
+        "(quick form)",
+        "--backend-ca": "TLS to the backends, verified against this CA, PEM (quick form)",
+        "--backend-cert": "with --backend-ca: lbgw's client certificate to the backends, PEM",
+        "--backend-key": "the key of --backend-cert, PEM",
+        "--backend-server-name": "with --backend-ca: the name verified in the backends' "
+        "certificates, and sent as SNI and :authority",
+    }
+    for flag, text in helps.items():
+        serve.add_argument(flag, metavar="NAME" if flag.endswith("name") else "FILE", help=text)
+
+
+def _tls_given(args: argparse.Namespace) -> bool:
+    return any(getattr(args, flag[2:].replace("-", "_")) for flag in _TLS_FLAGS)
+
+
+def _tls_quick(args: argparse.Namespace) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The quick form's listener ``tls`` table and cluster ``tls`` table, or None for each."""
+    listener: dict[str, Any] = {}
+    cluster: dict[str, Any] = {}
+    for flag, (where, key) in _TLS_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value:
+            (listener if where == "listener" else cluster)[key] = value
+    for a, b in (("--tls-cert", "--tls-key"), ("--tls-key", "--tls-cert")):
+        if getattr(args, a[2:].replace("-", "_")) and not getattr(args, b[2:].replace("-", "_")):
+            raise ConfigError("command line", b, f"a PEM file with {a}")
+    if listener.get("client_ca_file") and not listener.get("cert_file"):
+        raise ConfigError("command line", "--tls-cert", "a certificate with --tls-client-ca")
+    if listener.get("client_ca_file"):  # in the quick form, a client CA means mTLS
+        listener["require_client_cert"] = True
+    if cluster and "ca_file" not in cluster:
+        raise ConfigError("command line", "--backend-ca", "a CA file with the other --backend-*")
+    for a, b in (("--backend-cert", "--backend-key"), ("--backend-key", "--backend-cert")):
+        if getattr(args, a[2:].replace("-", "_")) and not getattr(args, b[2:].replace("-", "_")):
+            raise ConfigError("command line", b, f"a PEM file with {a}")
+    return listener or None, cluster or None
+
+
+def _check_tls(config: Config) -> list[str]:
+    """Every TLS file, loaded and checked (``tls.check_config``); the quick form's flags named."""
+    from lbgw import tls  # noqa: PLC0415 - cryptography only when needed
+
+    try:
+        return tls.check_config(config)
+    except ConfigError as exc:
+        if config.source != "command line":
+            raise
+        where = exc.key.split(".")[0].split("[")[0]  # listeners | clusters
+        for flag, (kind, key) in _TLS_FLAGS.items():
+            if exc.key.endswith(f".tls.{key}") and where.startswith(kind):
+                raise ConfigError(config.source, flag, exc.expected) from None
+        raise
+
+
 def _serve_config(args: argparse.Namespace) -> Config:  # noqa: PLR0912, PLR0915 - a flag each
     quick = (
         args.listen
@@ -186,6 +259,7 @@ def _serve_config(args: argparse.Namespace) -> Config:  # noqa: PLR0912, PLR0915
         or args.health_check
         or args.health_interval is not None
         or args.hash_key
+        or _tls_given(args)
     )
     if args.config and quick:
         raise ConfigError(
@@ -245,9 +319,15 @@ def _serve_config(args: argparse.Namespace) -> Config:  # noqa: PLR0912, PLR0915
             health["interval"] = interval
         if health:
             cluster["health_check"] = health
+        listener_tls, cluster_tls = _tls_quick(args)
+        if cluster_tls is not None:
+            cluster["tls"] = cluster_tls
+        tls_key = {} if listener_tls is None else {"tls": listener_tls}
         config = config_from_mapping(
             {
-                "listeners": [{"address": a} for a in (args.listen or ["127.0.0.1:50051"])],
+                "listeners": [
+                    {"address": a, **tls_key} for a in (args.listen or ["127.0.0.1:50051"])
+                ],
                 "clusters": {"default": cluster},
             },
             source="command line",
@@ -396,11 +476,18 @@ def _supervise(config: Config, argv: Sequence[str]) -> int:
 def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     config = _serve_config(args)
     configure(config.log.level, config.log.format)
+    for warning in _check_tls(config):  # a bad file stops here, exit 2, before any worker
+        log.warning("certificate expires soon", extra=fields(at=warning))
     worker = os.environ.get(_WORKER_ENV)
     if worker is not None:
         _die_with(int(os.environ[_WORKER_PARENT_ENV]))
         listeners = os.environ[_WORKER_LISTENERS_ENV].split(",")
-        config = replace(config, listeners=tuple(ListenerConfig(a) for a in listeners))
+        config = replace(
+            config,
+            listeners=tuple(
+                replace(lc, address=a) for lc, a in zip(config.listeners, listeners, strict=True)
+            ),
+        )
         return asyncio.run(_run_gateway(config, reuse_port=True))
     if config.workers > 1:
         return _supervise(config, argv)
@@ -409,6 +496,8 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     config = load_config(args.file)
+    for warning in _check_tls(config):
+        print(f"{args.file}: warning: {warning}", file=sys.stderr)
     clusters = ", ".join(
         f"{c.name} ({c.strategy}, {len(c.endpoints)} endpoints)" for c in config.clusters
     )
