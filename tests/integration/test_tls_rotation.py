@@ -76,7 +76,8 @@ async def test_rotation_under_load(tmp_path: Path, caplog: pytest.LogCaptureFixt
             address = gw.addresses[0]
             assert await asyncio.to_thread(presented_serial, address, pki.ca_file) == old_serial
             stop = asyncio.Event()
-            ok, errors = [0], []
+            ok: list[int] = [0]
+            errors: list[str] = []
             callers = [
                 asyncio.ensure_future(_caller(address, pki.ca_file, stop, ok, errors))
                 for _ in range(CALLERS)
