@@ -245,7 +245,7 @@ def _check_tls(config: Config) -> list[str]:
         where = exc.key.split(".")[0].split("[")[0]  # listeners | clusters
         for flag, (kind, key) in _TLS_FLAGS.items():
             if exc.key.endswith(f".tls.{key}") and where.startswith(kind):
-                raise ConfigError(config.source, flag, exc.expected) from None
+                raise ConfigError(config.source, flag, exc.expected, exc.got) from None
         raise
 
 

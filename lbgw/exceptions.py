@@ -39,6 +39,7 @@ class ConfigError(LbgwError, ValueError):
         self.source = source
         self.key = key
         self.expected = expected
+        self.got = got
         message = f"{source}: {key}: expected {expected}"
         if got is not None:
             message += f", got {got!r}"

@@ -539,7 +539,8 @@ def _quoted(value: str) -> str:
 def xfcc_of(cert: x509.Certificate) -> str:
     """Envoy's x-forwarded-client-cert element: Hash, Subject (quoted), URI and DNS SANs."""
     parts = [f"Hash={cert.fingerprint(_SHA256).hex()}"]
-    parts.append('Subject="' + cert.subject.rfc4514_string().replace('"', '\\"') + '"')
+    # RFC 4514 already escapes '"' (as '\\"'), so the quoted value parses as one.
+    parts.append(f'Subject="{cert.subject.rfc4514_string()}"')
     try:
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
