@@ -195,15 +195,20 @@ async def serve(
     *,
     options: Sequence[tuple[str, int | str]] = (),
     grace: float | None = 0.0,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> AsyncIterator[str]:
     """Run a grpc.aio server on ``127.0.0.1:<free port>``; yield ``host:port``.
 
     ``register`` adds the servicers, e.g.
     ``lambda s: echo_pb2_grpc.add_EchoServicer_to_server(EchoBackend("a"), s)``.
+    ``credentials``: serve TLS (``grpc.ssl_server_credentials``); None: plaintext.
     """
     server = aio.server(options=list(options))
     register(server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    if credentials is None:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        port = server.add_secure_port("127.0.0.1:0", credentials)
     await server.start()
     try:
         yield f"127.0.0.1:{port}"

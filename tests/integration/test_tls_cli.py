@@ -111,3 +111,12 @@ async def test_serve_quick_form_mtls_on_both_sides(tmp_path: Path) -> None:
     assert reply.backend == "tls" and refused
     logged = [line for line in lbgw.lines if line["event"] == "certificate"]
     assert logged and logged[0]["sans"] == ["localhost", "127.0.0.1"]
+
+
+def test_demo_tls_calls_through_mtls_on_both_sides() -> None:
+    done = _run("demo", "--tls", "--once", "--listen", "127.0.0.1:0")
+    assert done.returncode == 0, done.stderr
+    assert "with mTLS on both sides" in done.stdout
+    answered = [line for line in done.stdout.splitlines() if "answered by" in line]
+    assert len(answered) == 8
+    assert sum("backend-2" in line for line in answered) == 6
