@@ -64,10 +64,15 @@ class _Echo(grpc.GenericRpcHandler):
         return None
 
 
-async def _serve(stream_count: int, stream_size: int) -> None:
+async def _serve(stream_count: int, stream_size: int, cert: str = "", key: str = "") -> None:
     server = aio.server()
     server.add_generic_rpc_handlers((_Echo(stream_count, stream_size),))
-    port = server.add_insecure_port("127.0.0.1:0")
+    if cert:  # TLS (bench/proxy.py's TLS rows): this certificate, no client certificate asked
+        with open(cert, "rb") as c, open(key, "rb") as k:
+            credentials = grpc.ssl_server_credentials([(k.read(), c.read())])
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     print(port, flush=True)
     stop = asyncio.Event()
@@ -82,8 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/backend.py", description=__doc__.splitlines()[0])
     p.add_argument("--stream-count", type=int, default=DEFAULT_STREAM_COUNT)
     p.add_argument("--stream-size", type=int, default=DEFAULT_STREAM_SIZE, metavar="BYTES")
+    p.add_argument("--tls-cert", default="", metavar="FILE", help="serve TLS with this chain")
+    p.add_argument("--tls-key", default="", metavar="FILE", help="the key of --tls-cert")
     args = p.parse_args(argv)
-    asyncio.run(_serve(args.stream_count, args.stream_size))
+    asyncio.run(_serve(args.stream_count, args.stream_size, args.tls_cert, args.tls_key))
     return 0
 
 

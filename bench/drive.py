@@ -54,6 +54,10 @@ class Target:
     proxy: Proc | None
     streams: bool = True
     note: str = ""
+    #: TLS to the target, verified against this CA file (the TLS rows); "": plaintext.
+    tls_ca: str = ""
+    #: The backend this target forwards to, when not the driver's (the TLS rows').
+    backend: Proc | None = None
 
 
 @dataclass(frozen=True)
@@ -175,7 +179,8 @@ class Driver:
             f"--data={body}",
             "--header=content-type: application/grpc",
             "--header=te: trailers",
-            f"http://{target.address}{UNARY if kind == 'unary' else SERVER_STREAM}",
+            f"{'https' if target.tls_ca else 'http'}://{target.address}"
+            f"{UNARY if kind == 'unary' else SERVER_STREAM}",
         ]
 
     def _h2load(self, binary: str, target: Target, kind: str) -> Sample:
@@ -188,7 +193,7 @@ class Driver:
         log = self.workdir / "h2load.log"
         if kind == "unary":
             argv.insert(1, f"--log-file={log}")
-        meter = _Meter(target.proxy, self.backend)
+        meter = _Meter(target.proxy, target.backend or self.backend)
         proc = Proc(name, argv, self.workdir)
         with stopping([proc]):
             try:
@@ -230,6 +235,7 @@ class Driver:
                 argv += [f"--concurrency={inflight // nprocs + (i < inflight % nprocs)}"]
                 argv += [f"--channels={conns // nprocs + (i < conns % nprocs)}"]
                 argv += [f"--warmup={load.warmup}", f"--duration={load.duration}"]
+                argv += [f"--ca={target.tls_ca}"] if target.tls_ca else []
                 name = f"loadgen-{target.config}-{kind}-{i}"
                 procs.append(Proc(name, argv, self.workdir, pipes=True))
             for proc in procs:
@@ -238,7 +244,7 @@ class Driver:
                 if line.strip() != b"ready":
                     sample.error = f"load generator not ready: {line[:200]!r}; {proc.stderr_tail()}"
                     return sample
-            meter = _Meter(target.proxy, self.backend)
+            meter = _Meter(target.proxy, target.backend or self.backend)
             for proc in procs:
                 assert proc.popen.stdin is not None
                 proc.popen.stdin.write(b"go\n")

@@ -111,9 +111,18 @@ async def _phase(
     return phase
 
 
+def _channel(args: argparse.Namespace) -> aio.Channel:
+    """A channel to the target: TLS verified against ``--ca`` when given, else plaintext."""
+    if not args.ca:
+        return aio.insecure_channel(args.target, options=_OPTIONS)
+    with open(args.ca, "rb") as f:
+        credentials = grpc.ssl_channel_credentials(f.read())
+    return aio.secure_channel(args.target, credentials, options=_OPTIONS)
+
+
 async def _load(args: argparse.Namespace) -> int:
     payload = b"x" * args.payload
-    channels = [aio.insecure_channel(args.target, options=_OPTIONS) for _ in range(args.channels)]
+    channels = [_channel(args) for _ in range(args.channels)]
     try:
         for ch in channels:
             await asyncio.wait_for(ch.channel_ready(), timeout=CALL_TIMEOUT)
@@ -144,7 +153,7 @@ async def _load(args: argparse.Namespace) -> int:
 async def _probe(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout
     result: dict[str, object] = {"unary": False, "stream_msgs": 0, "error": ""}
-    async with aio.insecure_channel(args.target, options=_OPTIONS) as ch:
+    async with _channel(args) as ch:
         unary: Unary = ch.unary_unary(UNARY)
         while True:
             try:
@@ -177,6 +186,7 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("target")
     probe.add_argument("--timeout", type=float, default=20.0, metavar="SECONDS")
     probe.add_argument("--stream", action="store_true", help="then try one streaming call")
+    probe.add_argument("--ca", default="", metavar="FILE", help="TLS, verified against this CA")
     load = sub.add_parser("load", help="measure TARGET under a fixed concurrency")
     load.add_argument("target")
     load.add_argument("--kind", choices=("unary", "stream"), default="unary")
@@ -185,6 +195,7 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("--payload", type=int, default=100, metavar="BYTES")
     load.add_argument("--warmup", type=float, default=1.0, metavar="SECONDS")
     load.add_argument("--duration", type=float, default=5.0, metavar="SECONDS")
+    load.add_argument("--ca", default="", metavar="FILE", help="TLS, verified against this CA")
     return p
 
 

@@ -23,7 +23,14 @@ echo backend (``bench/backend.py``) and, in front of it, every proxy it finds:
   compared with (every lbgw row runs with the caller's ``OTEL_*`` variables
   removed, so only these two trace);
 * ``nginx``: ``grpc_pass`` with one worker and upstream keepalive, when
-  ``nginx`` is on PATH.
+  ``nginx`` is on PATH;
+* ``lbgw-tls`` and ``nginx-tls``: the same two with TLS on both sides: the
+  load connects over TLS (verified against a throwaway CA made with
+  ``trustme``), and the proxy forwards over TLS, verified, to a second
+  ``bench/backend.py`` that serves TLS (nginx: ``listen ... ssl`` and
+  ``grpc_pass grpcs://`` with ``grpc_ssl_verify on``). No client
+  certificates: h2load cannot present one. Compare them with ``lbgw`` and
+  ``nginx``: what TLS costs each per call.
 
 Each gets unary calls (calls/s, p50 and p99 latency, the proxy's CPU per
 call) and server streams (messages/s, the proxy's CPU per message). CPU is
@@ -82,6 +89,8 @@ CONFIGS = (
     "lbgw-trace-1pct",
     "lbgw-trace-all",
     "nginx",
+    "lbgw-tls",
+    "nginx-tls",
 )
 LABELS = {
     "direct": "direct (no proxy)",
@@ -92,7 +101,11 @@ LABELS = {
     "lbgw-trace-1pct": "lbgw, traced 1% (OTLP)",
     "lbgw-trace-all": "lbgw, traced 100% (OTLP)",
     "nginx": "nginx grpc_pass",
+    "lbgw-tls": "lbgw, TLS both sides",
+    "nginx-tls": "nginx ssl + grpcs://",
 }
+#: The configurations with TLS on both sides, and the plaintext row each is compared with.
+TLS_CONFIGS = ("lbgw-tls", "nginx-tls")
 #: The sampler of each traced configuration: OTEL_TRACES_SAMPLER and its argument.
 TRACED = {
     "lbgw-trace-1pct": ("parentbased_traceidratio", "0.01"),
@@ -331,6 +344,109 @@ def _start_nginx(workdir: Path, binary: str, backend: str, inflight: int) -> tup
     return Proc("nginx", [*argv, "-g", "daemon off;"], workdir), port
 
 
+_NGINX_TLS_CONF = (
+    _NGINX_PROLOGUE
+    + """\
+    upstream backend {{
+        server {backend};
+        keepalive {keepalive};
+        keepalive_requests 100000000;
+        keepalive_timeout 600s;
+    }}
+    server {{
+        listen 127.0.0.1:{port} ssl http2;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        location / {{
+            grpc_pass grpcs://backend;
+            grpc_ssl_trusted_certificate {ca};
+            grpc_ssl_verify on;
+            grpc_ssl_name {server_name};
+            grpc_ssl_server_name on;
+            grpc_ssl_session_reuse on;
+        }}
+    }}
+}}
+"""
+)
+
+
+@dataclass
+class _Tls:
+    """The TLS rows' material: a throwaway CA, the proxies' and the backend's certificates."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    backend: str = ""  # the TLS backend's address, once started
+    proc: Proc | None = None  # and its process
+    server_name: str = "backend.bench"
+
+    @classmethod
+    def make(cls, workdir: Path) -> tuple[_Tls, Path, Path]:
+        """The material, and the backend's own (cert, key)."""
+        import trustme  # noqa: PLC0415 - only the TLS rows need it
+
+        ca = trustme.CA()
+        tls_dir = workdir / "tls"
+        tls_dir.mkdir()
+        tls_dir.chmod(0o755)
+
+        def write(name: str, data: bytes) -> Path:
+            path = tls_dir / name
+            path.write_bytes(data)
+            return path
+
+        proxy = ca.issue_cert("localhost", "127.0.0.1")
+        backend = ca.issue_cert(cls.server_name)
+        made = cls(
+            write("ca.pem", ca.cert_pem.bytes()),
+            write("proxy.pem", b"".join(b.bytes() for b in proxy.cert_chain_pems)),
+            write("proxy.key", proxy.private_key_pem.bytes()),
+        )
+        backend_cert = write("backend.pem", b"".join(b.bytes() for b in backend.cert_chain_pems))
+        return made, backend_cert, write("backend.key", backend.private_key_pem.bytes())
+
+
+def _start_tls_backend(workdir: Path, args: argparse.Namespace) -> tuple[Proc, _Tls]:
+    """``bench/backend.py`` serving TLS, for the TLS rows (whatever ``--backend`` says)."""
+    tls, cert, key = _Tls.make(workdir)
+    argv = [
+        *_python(),
+        str(HERE / "backend.py"),
+        f"--stream-count={args.stream_count}",
+        f"--stream-size={args.stream_size}",
+        f"--tls-cert={cert}",
+        f"--tls-key={key}",
+    ]
+    proc = Proc("backend-tls", argv, workdir)
+    tls.backend = f"127.0.0.1:{int(proc.first_line(START_TIMEOUT))}"
+    tls.proc = proc
+    return proc, tls
+
+
+def _start_nginx_tls(workdir: Path, binary: str, tls: _Tls, inflight: int) -> tuple[Proc, int]:
+    """``_start_nginx`` with ``ssl`` on its listener and ``grpcs://`` to the TLS backend."""
+    prefix = workdir / "nginx-tls"
+    prefix.mkdir()
+    port = free_port()
+    conf = prefix / "nginx.conf"
+    conf.write_text(
+        _NGINX_TLS_CONF.format(
+            prefix=prefix,
+            port=port,
+            backend=tls.backend,
+            keepalive=max(64, inflight),
+            cert=tls.cert,
+            key=tls.key,
+            ca=tls.ca,
+            server_name=tls.server_name,
+        )
+    )
+    argv = [binary, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)]
+    return Proc("nginx-tls", [*argv, "-g", "daemon off;"], workdir), port
+
+
 def _probe(target: Target, args: argparse.Namespace, workdir: Path) -> str:
     """Empty when the target answers a unary call (and a full stream); else why not.
 
@@ -338,6 +454,7 @@ def _probe(target: Target, args: argparse.Namespace, workdir: Path) -> str:
     """
     argv = [*_python(), str(HERE / "loadgen.py"), "probe", target.address]
     argv += [f"--timeout={START_TIMEOUT}", *(["--stream"] if target.streams else [])]
+    argv += [f"--ca={target.tls_ca}"] if target.tls_ca else []
     proc = Proc(f"probe-{target.config}", argv, workdir)
     deadline = time.monotonic() + START_TIMEOUT + SLACK
     with stopping([proc]):
@@ -470,6 +587,27 @@ _RATIOS = (
         "lbgw CPU per streamed message / nginx's",
         ("lbgw", "cpu_us_per_msg"),
         ("nginx", "cpu_us_per_msg"),
+        "for reading",
+    ),
+    (
+        "lbgw_tls_cpu_per_call_vs_plain",
+        "lbgw CPU per unary call, TLS both sides / plaintext",
+        ("lbgw-tls", "cpu_us_per_call"),
+        ("lbgw", "cpu_us_per_call"),
+        "for reading: what TLS costs lbgw",
+    ),
+    (
+        "nginx_tls_cpu_per_call_vs_plain",
+        "nginx CPU per unary call, TLS both sides / plaintext",
+        ("nginx-tls", "cpu_us_per_call"),
+        ("nginx", "cpu_us_per_call"),
+        "for reading: what TLS costs nginx",
+    ),
+    (
+        "lbgw_tls_cpu_per_call_vs_nginx_tls",
+        "lbgw CPU per unary call / nginx's, both with TLS",
+        ("lbgw-tls", "cpu_us_per_call"),
+        ("nginx-tls", "cpu_us_per_call"),
         "for reading",
     ),
     (
@@ -628,12 +766,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _start_targets(  # noqa: PLR0912, PLR0915 - one block per configuration of the table
+def _start_targets(  # noqa: PLR0912, PLR0913, PLR0915 - one block per configuration of the table
     args: argparse.Namespace,
     workdir: Path,
     procs: list[Proc],
     backend: str,
     sinks: dict[str, Proc],
+    *,
+    tls: _Tls | None = None,
 ) -> tuple[list[Target], list[_Row]]:
     """Start every configuration asked for and found; rows note those left out and why.
 
@@ -653,6 +793,32 @@ def _start_targets(  # noqa: PLR0912, PLR0915 - one block per configuration of t
                 skipped.append(_Row(config, note=f"did not start: {exc}", failed=True))
                 continue
             targets.append(Target(config, f"127.0.0.1:{port}", proc, streams=False))
+        elif config in TLS_CONFIGS and tls is None:
+            skipped.append(_Row(config, note="the TLS backend did not start", failed=True))
+        elif config == "lbgw-tls" and tls is not None:
+            binary = _lbgw_binary(args.lbgw)
+            help_text = _lbgw_help(binary) if binary else None
+            if binary is None or help_text is None or "--tls-cert" not in help_text:
+                skipped.append(_Row(config, note="this lbgw has no --tls-cert: not measured"))
+                continue
+            port = free_port()
+            argv = _lbgw_argv(binary, help_text, port, tls.backend, 1)
+            argv += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
+            argv += ["--backend-ca", str(tls.ca), "--backend-server-name", tls.server_name]
+            procs.append(Proc(config, argv, workdir))
+            address = f"127.0.0.1:{port}"
+            targets.append(Target(config, address, procs[-1], tls_ca=str(tls.ca), backend=tls.proc))
+        elif config == "nginx-tls" and tls is not None:
+            binary = args.nginx or shutil.which("nginx")
+            if binary is None:
+                skipped.append(_Row(config, note="nginx is not on PATH: not measured"))
+                continue
+            inflight = max(args.concurrency, args.stream_concurrency)
+            proc, port = _start_nginx_tls(workdir, binary, tls, inflight)
+            procs.append(proc)
+            targets.append(
+                Target(config, f"127.0.0.1:{port}", proc, tls_ca=str(tls.ca), backend=tls.proc)
+            )
         elif config.startswith("lbgw"):
             binary = _lbgw_binary(args.lbgw)
             help_text = _lbgw_help(binary) if binary else None
@@ -719,7 +885,15 @@ def _measure(args: argparse.Namespace, h2load: str | None) -> list[_Row]:
         procs.append(backend_proc)
         driver = Driver(load, workdir, backend_proc, h2load)
         sinks: dict[str, Proc] = {}
-        targets, skipped = _start_targets(args, workdir, procs, backend, sinks)
+        tls: _Tls | None = None
+        if any(c in TLS_CONFIGS for c in args.configs):
+            try:
+                tls_proc, tls = _start_tls_backend(workdir, args)
+            except (RuntimeError, ValueError) as exc:
+                _progress(f"the TLS backend did not start: {exc}")
+            else:
+                procs.append(tls_proc)
+        targets, skipped = _start_targets(args, workdir, procs, backend, sinks, tls=tls)
         rows = {t.config: _Row(t.config, note=t.note) for t in targets}
         windows = args.runs * sum(1 + t.streams for t in targets)
         _progress(
