@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes
 from grpc import aio
 
 from lbgw.config import Config, config_from_mapping
+from lbgw.endpoints import State
 from lbgw.exceptions import ConfigError
 from lbgw.logs import _FIELDS
 from lbgw.pb import echo_pb2_grpc
@@ -216,6 +217,29 @@ async def test_a_backend_certificate_with_the_wrong_name_is_unavailable_naming_e
     assert backend in details, details
     assert "Hostname Verification Check failed" in details, details
     assert echo.seen.calls == 0
+
+
+async def test_a_backend_tls_failure_counts_toward_passive_ejection(
+    pki: Pki, client_pair: Pair, tls_backend: tuple[EchoBackend, str]
+) -> None:
+    """An endpoint whose certificate names another host fails its calls and is ejected."""
+    good, address = tls_backend
+    impostor = EchoBackend("impostor")
+    wrong_name = pki.issue("impostor.example", stem="impostor")
+    async with serve_tls(echo_registrar(impostor), wrong_name, client_ca=pki.ca_file) as bad:
+        cfg = gateway_config(
+            [address, bad],
+            cluster=backend_tls(pki, client_pair),
+            health_check={"mode": "none"},
+            outlier_detection={"consecutive_failures": 2, "max_ejection_percent": 50},
+        )
+        async with Gateway(cfg) as gw:
+            # Each call that picks the impostor fails its TLS check and is retried on the other.
+            replies = [(await unary(gw.addresses[0], None)).backend for _ in range(6)]
+            states = {e.address: e.state for e in gw.clusters["echo"].endpoints}
+    assert set(replies) == {"tls-backend"}
+    assert states == {address: State.SERVING, bad: State.EJECTED}
+    assert impostor.seen.calls == 0 and good.seen.calls == 6
 
 
 async def test_a_backend_requiring_mtls_works_with_the_client_certificate_only(
