@@ -18,7 +18,7 @@ from grpc import aio
 
 from lbgw.pb import echo_pb2_grpc
 from lbgw.testing import EchoBackend, echo_registrar
-from tests.integration.support import UNARY, lbgw_process, request
+from tests.integration.support import UNARY, echo_backends, lbgw_process, request
 from tests.integration.tls_support import Pki, client_credentials, serve_tls
 
 
@@ -120,3 +120,28 @@ def test_demo_tls_calls_through_mtls_on_both_sides() -> None:
     answered = [line for line in done.stdout.splitlines() if "answered by" in line]
     assert len(answered) == 8
     assert sum("backend-2" in line for line in answered) == 6
+
+
+async def test_serve_with_workers_keeps_tls_on_every_worker(tmp_path: Path) -> None:
+    """Each worker gets its listener's TLS with the resolved port: never a plaintext port."""
+    pki = Pki(tmp_path)
+    listener = pki.issue("localhost", "127.0.0.1")
+    async with echo_backends(EchoBackend("w")) as [backend]:
+        args = [
+            "--listen", "127.0.0.1:0", "--backend", backend, "--workers", "2", "--grace", "1",
+            "--tls-cert", str(listener.cert), "--tls-key", str(listener.key),
+        ]  # fmt: skip
+        with lbgw_process(*args) as lbgw:
+            async with aio.secure_channel(lbgw.address, client_credentials(pki.ca_file)) as ch:
+                stub = echo_pb2_grpc.EchoStub(ch)  # type: ignore[no-untyped-call]
+                replies = [(await stub.Unary(request(), timeout=10)).backend for _ in range(4)]
+            async with aio.insecure_channel(lbgw.address) as plain:
+                stub = echo_pb2_grpc.EchoStub(plain)  # type: ignore[no-untyped-call]
+                try:
+                    await stub.Unary(request(), timeout=10)
+                    plaintext_served = True
+                except aio.AioRpcError:
+                    plaintext_served = False
+            lbgw.process.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(lbgw.wait, 30) == 0
+    assert replies == ["w"] * 4 and not plaintext_served
