@@ -480,8 +480,8 @@ def _supervise(config: Config, argv: Sequence[str]) -> int:
 def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     config = _serve_config(args)
     configure(config.log.level, config.log.format)
-    for warning in _check_tls(config):  # a bad file stops here, exit 2, before any worker
-        log.warning("certificate expires soon", extra=fields(at=warning))
+    # A bad TLS file stops here, exit 2, before any worker; the gateway logs the warnings.
+    _check_tls(config)
     worker = os.environ.get(_WORKER_ENV)
     if worker is not None:
         _die_with(int(os.environ[_WORKER_PARENT_ENV]))

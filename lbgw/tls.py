@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias
 import grpc
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
 from grpc import aio
@@ -78,11 +78,17 @@ __all__ = [
     "ClientIdentity",
     "ClientTls",
     "IdentityInterceptor",
+    "KeyPair",
     "ServerTls",
     "TlsFileError",
     "TlsState",
+    "as_config_error",
     "check_config",
     "client_identity",
+    "describe",
+    "load_ca",
+    "load_pair",
+    "xfcc_of",
 ]
 
 log = logging.getLogger("lbgw.tls")
@@ -134,13 +140,7 @@ class Certificate:
         }
 
 
-def _sha256() -> Any:
-    from cryptography.hazmat.primitives import hashes  # noqa: PLC0415 - one use
-
-    return hashes.SHA256()
-
-
-_SHA256: Final = _sha256()
+_SHA256: Final = hashes.SHA256()
 
 
 def _sans(cert: x509.Certificate) -> tuple[str, ...]:
@@ -407,7 +407,9 @@ class ServerTls:
 class ClientTls:
     """One cluster's TLS to its endpoints: the channel credentials and options, and its files."""
 
-    def __init__(self, cluster: str, config: ClusterTlsConfig, state: TlsState | None = None):
+    def __init__(
+        self, cluster: str, config: ClusterTlsConfig, state: TlsState | None = None
+    ) -> None:
         self.cluster = cluster
         self.config = config
         self.state = state if state is not None else TlsState()

@@ -89,20 +89,21 @@ async def test_serve_quick_form_mtls_on_both_sides(tmp_path: Path) -> None:
     async with serve_tls(echo_registrar(echo), backend_pair, client_ca=pki.ca_file) as backend:
         args = [
             "--listen", "127.0.0.1:0", "--backend", backend, "--method", f"{UNARY}=unary",
+            "--health-check", "none",
             "--tls-cert", str(listener.cert), "--tls-key", str(listener.key),
             "--tls-client-ca", str(pki.ca_file),
             "--backend-ca", str(pki.ca_file), "--backend-server-name", "backend.example",
             "--backend-cert", str(lbgw_client.cert), "--backend-key", str(lbgw_client.key),
         ]  # fmt: skip
-        with lbgw_process(*args) as lbgw:
+        with lbgw_process(*args, timeout=60) as lbgw:
             creds = client_credentials(pki.ca_file, client)
             async with aio.secure_channel(lbgw.address, creds) as channel:
                 stub = echo_pb2_grpc.EchoStub(channel)  # type: ignore[no-untyped-call]
-                reply = await stub.Unary(request(message="x"), timeout=10)
+                reply = await stub.Unary(request(message="x"), timeout=30)
             async with aio.secure_channel(lbgw.address, client_credentials(pki.ca_file)) as ch:
                 stub = echo_pb2_grpc.EchoStub(ch)  # type: ignore[no-untyped-call]
                 try:
-                    await stub.Unary(request(message="x"), timeout=10)
+                    await stub.Unary(request(message="x"), timeout=30)
                     refused = False
                 except aio.AioRpcError:  # no client certificate: refused at the handshake
                     refused = True
@@ -131,14 +132,14 @@ async def test_serve_with_workers_keeps_tls_on_every_worker(tmp_path: Path) -> N
             "--listen", "127.0.0.1:0", "--backend", backend, "--workers", "2", "--grace", "1",
             "--tls-cert", str(listener.cert), "--tls-key", str(listener.key),
         ]  # fmt: skip
-        with lbgw_process(*args) as lbgw:
+        with lbgw_process(*args, timeout=60) as lbgw:
             async with aio.secure_channel(lbgw.address, client_credentials(pki.ca_file)) as ch:
                 stub = echo_pb2_grpc.EchoStub(ch)  # type: ignore[no-untyped-call]
-                replies = [(await stub.Unary(request(), timeout=10)).backend for _ in range(4)]
+                replies = [(await stub.Unary(request(), timeout=30)).backend for _ in range(4)]
             async with aio.insecure_channel(lbgw.address) as plain:
                 stub = echo_pb2_grpc.EchoStub(plain)  # type: ignore[no-untyped-call]
                 try:
-                    await stub.Unary(request(), timeout=10)
+                    await stub.Unary(request(), timeout=30)
                     plaintext_served = True
                 except aio.AioRpcError:
                     plaintext_served = False
