@@ -35,6 +35,13 @@ lbgw chooses by the cluster's health check, which runs on the same channel:
   (an idle stream) would collect strikes. A PING every 300 s is never
   sooner than the server's 5 minutes; the timeout is gRPC's default, 20 s.
 
+In grpc 1.85 the keepalive timeout alone does not end the transport: the
+timer is armed only when one is already armed (``writing.cc``, in
+``grpc_chttp2_end_write``), and the PING's own timeout, 1 minute by default,
+is what fires. lbgw sets ``grpc.http2.ping_timeout_ms`` to the same value,
+which applies to every PING: ``tests/hostile/test_black_holes.py`` fails if
+a stream in flight on a frozen backend is not ended.
+
 A cluster's own ``channel_options`` win over these (``backends.py``).
 ``bench/keepalive.py`` runs lbgw against a default ``grpc.aio`` server for
 10 minutes, with and without calls in flight, and counts GOAWAYs.
@@ -47,8 +54,10 @@ from typing import Final
 
 from lbgw.config import HealthCheckConfig
 
-__all__ = ["SAFE_TIME_MS", "keepalive_options"]
+__all__ = ["PING_TIMEOUT", "SAFE_TIME_MS", "keepalive_options"]
 
+#: Internal to chttp2 (``internal_channel_arg_names.h``), so not one a config may set.
+PING_TIMEOUT: Final = "grpc.http2.ping_timeout_ms"
 #: gRPC's default server minimum between PINGs without data: 5 minutes.
 SAFE_TIME_MS: Final = 300_000
 _SAFE_TIMEOUT_MS: Final = 20_000  # gRPC's default keepalive timeout
@@ -68,4 +77,5 @@ def keepalive_options(check: HealthCheckConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", time_ms),
         ("grpc.keepalive_timeout_ms", timeout_ms),
         ("grpc.keepalive_permit_without_calls", 0),
+        (PING_TIMEOUT, timeout_ms),
     ]
