@@ -9,9 +9,11 @@ keepalive by the health mode, ``lbgw/keepalive.py``), each twice:
 
 * **call in flight**: a bidi stream through lbgw that sends one message,
   gets its reply, then stays silent for the whole run, so the backend
-  channel always has a call open and the backend writes nothing on it:
-  the case where keepalive PINGs could collect strikes. At the end the
-  stream sends one more message: it survived if that is answered.
+  channel always has a call open and the backend writes nothing on it
+  but the answers to lbgw's own health probes (no other call goes
+  through that gateway): the case where keepalive PINGs could collect
+  strikes. At the end the stream sends one more message: it survived if
+  that is answered.
 * **no call in flight**: the channel is idle but for 3 unary calls every
   30 s (lbgw sends keepalive PINGs only while a call is open).
 
@@ -177,9 +179,10 @@ async def _run(args: argparse.Namespace, workdir: Path, procs: list[Proc]) -> li
         gateways.append(proc)
         row = Row(name, health, _keepalive(health, options), in_flight)
         rows.append(row)
-        tasks.append(asyncio.ensure_future(_bursts(gateway, row, stop, args.burst_every)))
         if in_flight:
             tasks.append(asyncio.ensure_future(_silent_stream(gateway, row, stop)))
+        else:
+            tasks.append(asyncio.ensure_future(_bursts(gateway, row, stop, args.burst_every)))
     print(f"running {args.minutes:g} min with {len(rows)} gateways", file=sys.stderr, flush=True)
     await asyncio.sleep(args.minutes * 60)
     stop.set()
@@ -195,7 +198,7 @@ def _report(args: argparse.Namespace, rows: Sequence[Row]) -> None:
     head = (
         "gateway",
         "keepalive time/timeout",
-        "GOAWAY too_many_pings",
+        "lines with too_many_pings",
         "silent stream",
         "unary ok/failed",
     )
@@ -203,7 +206,8 @@ def _report(args: argparse.Namespace, rows: Sequence[Row]) -> None:
     print("|" + "|".join("---" for _ in head) + "|")
     for r in rows:
         failed = f"{r.unary_failed}" + (f" {r.codes}" if r.codes else "")
-        print(f"| {r.name} | {r.keepalive} | {r.goaways} | {r.stream} | {r.unary_ok}/{failed} |")
+        unary = "-" if r.in_flight else f"{r.unary_ok}/{failed}"
+        print(f"| {r.name} | {r.keepalive} | {r.goaways} | {r.stream} | {unary} |")
 
 
 def _parser() -> argparse.ArgumentParser:
