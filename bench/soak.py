@@ -69,6 +69,8 @@ class Kind:
     ok: int = 0
     lost: dict[str, int] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list)
+    #: The lost calls' codes and details, and how many of each.
+    why: dict[str, int] = field(default_factory=dict)
 
     def percentile(self, q: int) -> float | None:
         if len(self.latencies_ms) < 2:
@@ -104,9 +106,9 @@ def _config(endpoints: Sequence[str]) -> str:
     )
 
 
-def _start_lbgw(workdir: Path, endpoints: Sequence[str]) -> tuple[Proc, str]:
+def _start_lbgw(workdir: Path, endpoints: Sequence[str], extra: str) -> tuple[Proc, str]:
     path = workdir / "lbgw.toml"
-    path.write_text(_config(endpoints) + "\n", encoding="utf-8")
+    path.write_text(_config(endpoints) + "\n" + extra.replace("\\n", "\n") + "\n", "utf-8")
     argv = [sys.executable, "-m", "lbgw", "serve", "--config", str(path), "--log-format", "json"]
     proc = Proc("lbgw", argv, workdir)
     deadline = time.monotonic() + START_TIMEOUT
@@ -163,6 +165,8 @@ async def _client(address: str, kind: str, tally: Kind, stop: asyncio.Event) -> 
             except aio.AioRpcError as error:
                 name = error.code().name
                 tally.lost[name] = tally.lost.get(name, 0) + 1
+                why = f"{name}: {(error.details() or '')[:160]}"
+                tally.why[why] = tally.why.get(why, 0) + 1
             except AssertionError:
                 tally.lost["WRONG_ANSWER"] = tally.lost.get("WRONG_ANSWER", 0) + 1
             else:
@@ -229,7 +233,7 @@ async def _run(
     for name in ("steady", "killed", "flipping", "frozen"):
         backends[name] = Backend(name, workdir)
         procs.append(backends[name].proc)
-    lbgw, address = _start_lbgw(workdir, [b.address for b in backends.values()])
+    lbgw, address = _start_lbgw(workdir, [b.address for b in backends.values()], args.toml)
     procs.append(lbgw)
     start = time.monotonic()
     samples: list[Sample] = []
@@ -286,6 +290,9 @@ def _report(
             f"| {kind} | {k.made} | {k.ok} | {lost} | {codes} | "
             f"{_fmt(k.percentile(50))} | {_fmt(k.percentile(99))} |"
         )
+    for kind, k in kinds.items():
+        for why, n in sorted(k.why.items(), key=lambda kv: -kv[1])[:5]:
+            print(f"  {kind} lost {n}: {why}")
     if not samples:
         return
     minute = _at(samples, min(60.0, samples[-1].at))
@@ -315,6 +322,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--freeze-for", type=positive(float), default=5.0, metavar="S")
     parser.add_argument("--first-freeze", type=positive(float), default=30.0, metavar="S")
     parser.add_argument("--quick", action="store_true", help="30 s: one kill, one freeze at 12 s")
+    parser.add_argument(
+        "--toml",
+        default="",
+        metavar="TEXT",
+        help="appended to lbgw's config (\\n for a new line), e.g. "
+        "'[clusters.echo.retries]\\nmin_retry_concurrency = 100'",
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     return parser
 
