@@ -15,6 +15,7 @@ import grpc
 from grpc import aio
 
 from lbgw.config import ClusterConfig, Limits
+from lbgw.keepalive import keepalive_options
 
 __all__ = ["Backend", "channel_options"]
 
@@ -35,6 +36,12 @@ def channel_options(cluster: ClusterConfig, limits: Limits) -> list[tuple[str, A
         # gRPC's process-wide subchannel pool with another cluster's.
         ("grpc.use_local_subchannel_pool", 1),
     ):
+        if name not in names:
+            options.append((name, value))
+    # HTTP/2 keepalive, chosen so a default gRPC server never answers
+    # GOAWAY too_many_pings (lbgw/keepalive.py): a frozen backend's calls
+    # end with UNAVAILABLE instead of waiting for their deadlines.
+    for name, value in keepalive_options(cluster.health_check):
         if name not in names:
             options.append((name, value))
     return options

@@ -155,6 +155,12 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds between health checks (default 5; quick form)",
     )
     _tls_flags(serve)
+    serve.add_argument(
+        "--health-rpc",
+        choices=("check", "watch"),
+        help="with grpc health checks: watch (a Watch stream beside Check probes, the "
+        "default) or check (Check probes only) (quick form)",
+    )
     serve.add_argument("--workers", type=int, metavar="N", help="worker processes (default 1)")
     serve.add_argument("--grace", type=float, metavar="SECONDS", help="drain time on SIGTERM")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
@@ -262,6 +268,7 @@ def _serve_config(args: argparse.Namespace) -> Config:  # noqa: PLR0912, PLR0915
         or args.reflection
         or args.health_check
         or args.health_interval is not None
+        or args.health_rpc
         or args.hash_key
         or _tls_given(args)
     )
@@ -321,6 +328,8 @@ def _serve_config(args: argparse.Namespace) -> Config:  # noqa: PLR0912, PLR0915
                     interval,
                 )
             health["interval"] = interval
+        if args.health_rpc:
+            health["rpc"] = args.health_rpc
         if health:
             cluster["health_check"] = health
         listener_tls, cluster_tls = _tls_quick(args)

@@ -74,6 +74,8 @@ __all__ = [
 
 log = logging.getLogger("lbgw.endpoints")
 
+_DEADLINE_EXCEEDED: Final = grpc.StatusCode.DEADLINE_EXCEEDED
+
 
 class State(enum.Enum):
     UNKNOWN = "unknown"
@@ -314,9 +316,15 @@ class ClusterHealth:
             e.failures = 0
             e.refusal_logged = False
 
-    def failed(self, e: Endpoint, code: grpc.StatusCode) -> None:
-        """A call on ``e`` ended with ``code``; consecutive failures eject it."""
-        if code not in self._failure_codes:
+    def failed(self, e: Endpoint, code: grpc.StatusCode, *, answered: bool = True) -> None:
+        """A call on ``e`` ended with ``code``; consecutive failures eject it.
+
+        ``answered``: the endpoint sent response headers. ``DEADLINE_EXCEEDED``
+        from one that sent none is a failure too, whatever ``failure_codes``
+        says: the endpoint said nothing at all, as a frozen one does (Envoy's
+        ``consecutive_gateway_failure`` counts such timeouts the same way).
+        """
+        if code not in self._failure_codes and (answered or code is not _DEADLINE_EXCEEDED):
             self.succeeded(e)
             return
         e.failures += 1

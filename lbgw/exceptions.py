@@ -12,7 +12,7 @@ backend returns is never one of these: it passes through unchanged.
 from __future__ import annotations
 
 import enum
-from typing import ClassVar
+from typing import ClassVar, Final
 
 import grpc
 
@@ -40,10 +40,29 @@ class ConfigError(LbgwError, ValueError):
         self.key = key
         self.expected = expected
         self.got = got
-        message = f"{source}: {key}: expected {expected}"
+        message = f"{source}: {_one_line(key)}: expected {expected}"
         if got is not None:
-            message += f", got {got!r}"
+            message += f", got {_cut(repr(got))}"
         super().__init__(message)
+
+
+#: A value longer than this is cut in an error message.
+SHOWN_CHARACTERS: Final = 80
+
+
+def _cut(text: str) -> str:
+    """``text``, cut to ``SHOWN_CHARACTERS`` with its full length said: an error
+    message stays one readable line, however large the value it refuses."""
+    if len(text) <= SHOWN_CHARACTERS:
+        return text
+    return f"{text[: SHOWN_CHARACTERS - 3]}... ({len(text)} characters)"
+
+
+def _one_line(key: str) -> str:
+    """A key as one line: a quoted TOML key may hold a newline or a control."""
+    if not key.isprintable():
+        key = key.encode("unicode_escape").decode("ascii")
+    return _cut(key)
 
 
 class StartError(LbgwError):

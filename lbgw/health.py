@@ -7,13 +7,17 @@ which applies thresholds and states. Modes, per cluster
 
 * ``grpc``: the standard health protocol, ``grpc.health.v1.Health``, over the
   endpoint's own channel (the connection calls use, as gRPC's client-side
-  health checking does). ``rpc = "watch"`` (the default) keeps a ``Watch``
-  stream open, so a change of status takes the endpoint out at once;
-  ``rpc = "check"`` polls ``Check`` every ``interval`` with a ``timeout``.
+  health checking does). ``rpc = "check"`` polls ``Check`` every
+  ``interval`` with a ``timeout``. ``rpc = "watch"`` (the default) also keeps
+  a ``Watch`` stream open, so a change of status takes the endpoint out at
+  once; its ``Check`` probes are how a frozen backend, whose ``Watch`` just
+  goes quiet, is found. A failing endpoint still in rotation is probed
+  again ``timeout`` after the last probe started, not ``interval`` after it
+  ended, so a frozen backend is out within 10 s with the defaults.
   A backend without the health service answers ``UNIMPLEMENTED``: like
   gRPC's client-side checking, lbgw counts it as healthy and says so once in
   the log (``unimplemented = "unhealthy"`` counts it as a failed check).
-  A ``Watch`` that is unimplemented falls back to ``Check``.
+  A ``Watch`` that is unimplemented is not asked again.
 * ``tcp``: connect and close, for backends without the health service.
 * ``none``: every endpoint is SERVING; passive ejection still applies.
 
@@ -42,7 +46,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lbgw.config import HealthCheckConfig, parse_address
-from lbgw.endpoints import ClusterHealth, Endpoint
+from lbgw.endpoints import ClusterHealth, Endpoint, State
 from lbgw.logs import fields
 from lbgw.telemetry import Telemetry, end_span
 
@@ -106,26 +110,61 @@ class HealthChecker:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _pause(self) -> None:
+    async def _pause(self, e: Endpoint, started: float) -> None:
+        """Wait for the next probe of ``e``; a failing endpoint still in rotation is
+        confirmed fast: its next probe starts ``timeout`` after the last one started
+        (at once after a timed-out probe), so a frozen backend is out within
+        ``interval x (1 + jitter) + unhealthy_threshold x timeout`` (8.5 s by default)."""
+        if e.failed_checks and e.state is State.SERVING:
+            loop = asyncio.get_running_loop()
+            await asyncio.sleep(max(0.0, started + self.config.timeout - loop.time()))
+            return
         interval = self.config.interval
         await asyncio.sleep(interval * (1 + self._random.uniform(0, self.config.jitter)))
 
     async def _run(self, e: Endpoint) -> None:
-        watch = self.config.mode == "grpc" and self.config.rpc == "watch"
+        """Probe ``e`` until it leaves. In ``Watch`` mode a ``Watch`` stream follows
+        its status beside the probes: a ``Watch`` is silent while nothing changes,
+        so it cannot tell a frozen backend from a steady one, and its ``Check``
+        probes (each with ``timeout``) can. They also make the backend write
+        between keepalive PINGs (``keepalive.py``)."""
+        loop = asyncio.get_running_loop()
+        watcher = None
+        if self.config.mode == "grpc" and self.config.rpc == "watch":
+            watcher = asyncio.create_task(self._follow(e), name=f"health watch {e.address}")
+        try:
+            while True:
+                started = loop.time()
+                try:
+                    if self.config.mode == "grpc":
+                        await self._check(e)
+                    else:
+                        await self._tcp(e)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # a check must never end its task
+                    log.exception("health check failed unexpectedly")
+                    self.health.check_failed(e, f"health check error: {exc!r}")
+                await self._pause(e, started)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+
+    async def _follow(self, e: Endpoint) -> None:
+        """Keep a ``Watch`` stream open on ``e``; end when ``Watch`` is unimplemented."""
         while True:
             try:
-                if watch:
-                    watch = await self._watch(e)
-                elif self.config.mode == "grpc":
-                    await self._check(e)
-                else:
-                    await self._tcp(e)
+                if not await self._watch(e):
+                    return
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # a check must never end its task
-                log.exception("health check failed unexpectedly")
-                self.health.check_failed(e, f"health check error: {exc!r}")
-            await self._pause()
+            except Exception as exc:  # a watch must never end its task
+                log.exception("health watch failed unexpectedly")
+                self.health.check_failed(e, f"health watch error: {exc!r}")
+            interval = self.config.interval
+            await asyncio.sleep(interval * (1 + self._random.uniform(0, self.config.jitter)))
 
     def _unimplemented(self, e: Endpoint, rpc: str) -> None:
         address = e.address
@@ -195,7 +234,6 @@ class HealthChecker:
                     "health Watch unimplemented, polling Check",
                     extra=fields(cluster=self.health.name, endpoint=e.address),
                 )
-                await self._check(e)
                 return False
             self.health.check_failed(e, f"Watch ended: {code.name} {error.details() or ''}")
         finally:

@@ -521,7 +521,7 @@ def _forwarder(  # noqa: PLR0915 - the attempt loop, inline: it runs on every ca
                     code = error.code()
                     if _observed(error, e):
                         latency = (progress.headers_ns or clock()) - start
-                    failed(e, code)
+                    failed(e, code, answered=bool(progress.headers_ns or error.initial_metadata()))
                     if tr is not None:
                         tr.end_attempt(code, error.details())
                     retry_to = None

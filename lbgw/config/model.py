@@ -34,6 +34,7 @@ from lbgw.config.fields import (
     parse_address,
     spec,
 )
+from lbgw.config.grpc_args import GRPC_VERSION, KNOWN_ARGUMENTS
 from lbgw.kernels import (
     MAX_ACTIVE_REQUEST_BIAS,
     MAX_RING_SIZE,
@@ -342,6 +343,12 @@ def _cluster_name(name: str) -> None:
 def _channel_option(name: str) -> None:
     if not name.startswith("grpc."):
         raise Invalid("a gRPC channel argument name, such as grpc.keepalive_time_ms")
+    # gRPC ignores a name it does not know: a misspelt one would do nothing.
+    if name not in KNOWN_ARGUMENTS:
+        raise Invalid(
+            f"a channel argument grpc {GRPC_VERSION} knows (include/grpc/impl/"
+            "channel_arg_names.h), such as grpc.keepalive_time_ms; this one is unknown"
+        )
 
 
 def _method_name(name: str) -> None:

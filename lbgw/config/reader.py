@@ -46,6 +46,8 @@ _NAMES: Final[Mapping[type, str]] = {
     str: "a string",
 }
 _PLAIN: Final = Spec()
+#: A TOML bare key (TOML 1.0, "Keys"): shown as it is in an error; any other is quoted.
+_BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def load_config(path: str | Path) -> Config:
@@ -81,6 +83,9 @@ def _is_section(hint: object) -> typing.TypeGuard[type[Any]]:
 
 
 def join(key: str, name: str) -> str:
+    """``key.name``; a name that is not a bare TOML key (empty, dotted, spaced) is quoted."""
+    if not _BARE_KEY.fullmatch(name):
+        name = repr(name)
     return f"{key}.{name}" if key else name
 
 
