@@ -89,6 +89,20 @@ def _backend(text: str) -> dict[str, Any]:
     return {"address": address, "weight": int(weight) if sep else 1}
 
 
+def _backend_dns(text: str) -> dict[str, Any]:
+    name, sep, port = text.rpartition(":")
+    if (
+        not sep
+        or not name
+        or not (port.isascii() and port.isdigit())
+        or not 1 <= int(port) <= 65535
+    ):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected NAME:PORT, a DNS name and a port 1-65535"
+        )
+    return {"name": name, "port": int(port)}
+
+
 def _method_kind(text: str) -> tuple[str, str]:
     method, sep, kind = text.rpartition("=")
     kinds = [k.value for k in MethodKind]
@@ -123,6 +137,27 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         type=_backend,
         help="a backend endpoint, weight 1 unless given (quick form; repeatable)",
+    )
+    serve.add_argument(
+        "--backend-dns",
+        metavar="NAME:PORT",
+        action="append",
+        type=_backend_dns,
+        help="backends are what NAME resolves to (A and AAAA records), on PORT; re-resolved "
+        "every --dns-refresh seconds (quick form; repeatable, instead of --backend)",
+    )
+    serve.add_argument(
+        "--dns-server",
+        metavar="HOST:PORT",
+        action="append",
+        type=_listen,
+        help="with --backend-dns: the nameserver to ask (repeatable; default: resolv.conf)",
+    )
+    serve.add_argument(
+        "--dns-refresh",
+        type=float,
+        metavar="SECONDS",
+        help="with --backend-dns: seconds between resolutions (default 5)",
     )
     serve.add_argument("--strategy", choices=STRATEGIES, help="picking strategy (default swrr)")
     serve.add_argument(
@@ -186,6 +221,9 @@ def _serve_config(args: argparse.Namespace) -> Config:  # noqa: PLR0912, PLR0915
         or args.health_check
         or args.health_interval is not None
         or args.hash_key
+        or args.backend_dns
+        or args.dns_server
+        or args.dns_refresh is not None
     )
     if args.config and quick:
         raise ConfigError(
@@ -194,9 +232,14 @@ def _serve_config(args: argparse.Namespace) -> Config:  # noqa: PLR0912, PLR0915
     if args.config:
         config = load_config(args.config)
     else:
-        if not args.backend:
+        dns = _quick_dns(args)
+        if not args.backend and not dns:
             raise ConfigError("command line", "--backend", "at least one --backend HOST:PORT")
-        addresses = [b["address"] for b in args.backend]
+        if args.backend and dns:
+            raise ConfigError(
+                "command line", "--backend-dns", "either --backend or --backend-dns, not both"
+            )
+        addresses = [b["address"] for b in args.backend or ()]
         for address in addresses:
             if addresses.count(address) > 1:
                 raise ConfigError("command line", "--backend", "each address once", address)
@@ -205,7 +248,7 @@ def _serve_config(args: argparse.Namespace) -> Config:  # noqa: PLR0912, PLR0915
             if methods.count(method) > 1:
                 raise ConfigError("command line", "--method", "each method once", method)
         cluster: dict[str, Any] = {
-            "endpoints": args.backend,
+            **({"dns": dns} if dns else {"endpoints": args.backend}),
             "strategy": args.strategy or "swrr",
             "methods": dict(args.method),
             "reflection": args.reflection,
@@ -312,6 +355,21 @@ async def _run_gateway(config: Config, *, reuse_port: bool) -> int:
     stopper.cancel()
     log.info("stopped")
     return 0
+
+
+def _quick_dns(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The ``dns`` tables of the quick form's cluster (none without --backend-dns)."""
+    if not args.backend_dns:
+        if args.dns_server or args.dns_refresh is not None:
+            flag = "--dns-server" if args.dns_server else "--dns-refresh"
+            raise ConfigError("command line", flag, "--backend-dns NAME:PORT as well")
+        return []
+    extra: dict[str, Any] = {}
+    if args.dns_server:
+        extra["nameservers"] = args.dns_server
+    if args.dns_refresh is not None:
+        extra["refresh_interval"] = args.dns_refresh
+    return [{**d, **extra} for d in args.backend_dns]
 
 
 def _die_with(parent: int) -> None:

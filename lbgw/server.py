@@ -12,7 +12,9 @@ SIGTERM and SIGINT.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import socket
 from types import TracebackType
 from typing import Any
 
@@ -21,11 +23,13 @@ from grpc_health.v1 import health_pb2_grpc
 
 from lbgw import _grpc_private
 from lbgw.cluster import Cluster, Target, build_cluster
-from lbgw.config import Config, RouteConfig, parse_address
+from lbgw.config import ClusterConfig, Config, RouteConfig, parse_address
+from lbgw.discovery import DnsDiscovery
 from lbgw.exceptions import StartError
 from lbgw.health import HealthService
 from lbgw.logs import fields
 from lbgw.proxy import Proxy
+from lbgw.reload import Plan, Switch, plan
 from lbgw.routing import Router
 from lbgw.telemetry import Telemetry
 
@@ -41,6 +45,7 @@ def server_options(config: Config, *, reuse_port: bool) -> list[tuple[str, Any]]
         ("grpc.max_send_message_length", limits.max_send_message_bytes),
         # gRPC sets SO_REUSEPORT by default on Linux, which would let a second
         # gateway bind the same port silently; only --workers shares a port.
+        # (A single gateway binds with it too, after a probe: ``_probe``.)
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
     if limits.max_concurrent_streams is not None:
@@ -63,6 +68,14 @@ class Gateway:
         self.proxy: Proxy | None = None
         self.health = HealthService()
         self.addresses: list[str] = []
+        #: The DNS discovery of each cluster that has a [clusters.NAME.dns] table.
+        self.discoveries: dict[str, DnsDiscovery] = {}
+        self._switch: Switch | None = None
+        # What reloads replaced and is draining: old servers and clusters.
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._reloading = asyncio.Lock()
+        self.reloads = 0  # reloads applied, since start
+        self.reload_failures = 0  # reloads refused or failed, since start
 
     def __repr__(self) -> str:
         state = "serving" if self.addresses and self._server is not None else "stopped"
@@ -92,33 +105,17 @@ class Gateway:
         config = self.config
         _grpc_private.check()
         for cc in config.clusters:
-            cluster = build_cluster(
-                cc, config.limits, telemetry=self.telemetry, grace=config.grace_period
-            )
+            cluster, discovery = await self._build(cc)
             self.clusters[cc.name] = cluster
+            if discovery is not None:
+                self.discoveries[cc.name] = discovery
             self.health.track(cluster.health)
         for cluster in self.clusters.values():
             await cluster.learn_kinds()
 
-        server = aio.server(options=server_options(config, reuse_port=self._reuse_port))
-        self._server = server
-        clusters = self.clusters
-
-        def target(route: RouteConfig) -> Target:
-            return Target.of(route, clusters)
-
-        self.proxy = Proxy(Router(config.routes, target), clusters.values(), self.telemetry)
-        # lbgw's own health service comes first, so its calls are never forwarded.
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        server.add_generic_rpc_handlers((self.proxy,))
-        for listener in config.listeners:
-            try:
-                port = server.add_insecure_port(listener.address)
-            except RuntimeError as exc:  # grpcio raises when it cannot bind
-                raise StartError(f"cannot listen on {listener.address}: {exc}") from exc
-            host, _ = parse_address(listener.address)
-            self.addresses.append(f"{host}:{port}")
-        await server.start()
+        self.proxy = self._proxy(config, self.clusters)
+        self._switch = Switch(self.proxy)
+        self._server, self.addresses = await self._serve(config, {})
         for address in self.addresses:
             log.info("listening", extra=fields(address=address))
         for cluster in self.clusters.values():
@@ -133,10 +130,171 @@ class Gateway:
                 ),
             )
 
+    async def _build(self, cc: ClusterConfig) -> tuple[Cluster, DnsDiscovery | None]:
+        """The cluster ``cc`` describes; with a ``dns`` table, once its name has resolved."""
+        discovery = None
+        if cc.dns:
+            discovery = DnsDiscovery(cc.name, cc.dns)
+            try:
+                cc = dataclasses.replace(cc, endpoints=await discovery.first())
+            except BaseException:
+                await discovery.stop()
+                raise
+        config = self.config
+        cluster = build_cluster(
+            cc, config.limits, telemetry=self.telemetry, grace=config.grace_period
+        )
+        if discovery is not None:
+            discovery.start(cluster)
+        return cluster, discovery
+
+    def _proxy(self, config: Config, clusters: dict[str, Cluster]) -> Proxy:
+        def target(route: RouteConfig) -> Target:
+            return Target.of(route, clusters)
+
+        return Proxy(Router(config.routes, target), clusters.values(), self.telemetry)
+
+    async def _serve(self, config: Config, bound: dict[str, str]) -> tuple[aio.Server, list[str]]:
+        """A started server on ``config``'s listeners (``bound``: already-resolved port 0s).
+
+        Bound with ``SO_REUSEPORT``, so that a reload can start the next
+        server on the same ports before this one stops; a single gateway
+        first probes each port without it (``_probe``), so that it still
+        refuses a port another process listens on.
+        """
+        server = aio.server(options=server_options(config, reuse_port=True))
+        # lbgw's own health service comes first, so its calls are never forwarded.
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        assert self._switch is not None
+        server.add_generic_rpc_handlers((self._switch,))
+        addresses: list[str] = []
+        try:
+            for listener in config.listeners:
+                address = bound.get(listener.address, listener.address)
+                if not self._reuse_port and address not in bound.values():
+                    _probe(address)
+                try:
+                    port = server.add_insecure_port(address)
+                except RuntimeError as exc:  # grpcio raises when it cannot bind
+                    raise StartError(f"cannot listen on {listener.address}: {exc}") from exc
+                host, _ = parse_address(address)
+                addresses.append(f"{host}:{port}")
+            await server.start()
+        except BaseException:
+            await server.stop(0)
+            raise
+        return server, addresses
+
+    async def reload(self, config: Config) -> Plan:
+        """Apply a new, validated config as a diff (``reload.plan``); nothing in flight is cut.
+
+        New clusters (added, or rebuilt for a change) are built first, and
+        a new server bound if the listeners changed: if either fails
+        (``StartError``, say), nothing has changed and the error is raised.
+        Then the proxy is swapped, and what was replaced drains in the
+        background: an old server stops accepting and gives its calls the
+        grace period; an old cluster closes once its last call has ended
+        (or after the grace period). One reload at a time.
+        """
+        async with self._reloading:
+            try:
+                return await self._reload(config)
+            except BaseException:
+                self.reload_failures += 1
+                raise
+
+    async def _reload(self, config: Config) -> Plan:
+        if self._switch is None or self._server is None:
+            raise RuntimeError("the gateway is not serving")
+        change = plan(self.config, config)
+        old_config, self.config = self.config, config  # new clusters take the new limits
+        built: dict[str, tuple[Cluster, DnsDiscovery | None]] = {}
+        try:
+            for cc in (*change.added, *change.rebuilt):
+                built[cc.name] = await self._build(cc)
+                await built[cc.name][0].learn_kinds()
+            server, addresses = None, self.addresses
+            if change.listeners:
+                olds = (lc.address for lc in old_config.listeners)
+                resolved = dict(zip(olds, self.addresses, strict=True))
+                server, addresses = await self._serve(config, resolved)
+        except BaseException:
+            self.config = old_config
+            for cluster, discovery in built.values():
+                if discovery is not None:
+                    await discovery.stop()
+                await cluster.close()
+            raise
+        self._install(
+            config, change, built, server=server, addresses=addresses, grace=old_config.grace_period
+        )
+        self.reloads += 1
+        return change
+
+    def _install(  # noqa: PLR0913 - what _reload prepared, put in place without awaiting
+        self,
+        config: Config,
+        change: Plan,
+        built: dict[str, tuple[Cluster, DnsDiscovery | None]],
+        *,
+        server: aio.Server | None,
+        addresses: list[str],
+        grace: float,
+    ) -> None:
+        """Put the new config in place, with no await: no call sees half of it."""
+        assert self._switch is not None and self._server is not None
+        retired = [(name, self.clusters.pop(name)) for name in change.removed]
+        retired += [(cc.name, self.clusters[cc.name]) for cc in change.rebuilt]
+        for name, _ in retired:
+            old_discovery = self.discoveries.pop(name, None)
+            if old_discovery is not None:
+                self._retire(old_discovery.stop())
+        for cc in change.updated:
+            cluster = self.clusters[cc.name]
+            cluster.update(cc.endpoints)
+            cluster.config = cc
+        for name, (cluster, discovery) in built.items():
+            self.clusters[name] = cluster
+            if discovery is not None:
+                self.discoveries[name] = discovery
+            self.health.track(cluster.health)
+        for name in change.removed:
+            self.health.forget(name)
+        self.proxy = self._proxy(config, self.clusters)
+        self._switch.proxy = self.proxy
+        if server is not None:
+            old_server, self._server = self._server, server
+            for address in addresses:
+                if address not in self.addresses:
+                    log.info("listening", extra=fields(address=address))
+            self.addresses = addresses
+            self._retire(old_server.stop(grace))
+        for name, cluster in retired:
+            self._retire(self._drain_cluster(name, cluster, grace))
+
+    def _retire(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _drain_cluster(self, name: str, cluster: Cluster, grace: float) -> None:
+        """Close a replaced cluster once its calls have ended, or after ``grace``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while cluster.budget.active > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await cluster.close()
+        log.info("cluster retired", extra=fields(cluster=name, cut=cluster.budget.active))
+
     async def wait(self) -> None:
-        """Until the server stops."""
-        if self._server is not None:
-            await self._server.wait_for_termination()
+        """Until the server stops (a reload's new server counts as the same)."""
+        while True:
+            server = self._server
+            if server is None:
+                return
+            await server.wait_for_termination()
+            if self._server is server:
+                return
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls; in-flight calls get ``grace`` seconds, then are cancelled.
@@ -165,8 +323,43 @@ class Gateway:
         if server is not None:
             self.health.end_watches()
             await server.stop(grace)
+        for discovery in list(self.discoveries.values()):
+            await discovery.stop()
+        # What earlier reloads replaced: old servers and clusters still draining.
+        retiring = list(self._retiring)
+        if retiring:
+            _, pending = await asyncio.wait(retiring, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*retiring, return_exceptions=True)
         clusters = list(self.clusters.values())
         for cluster in clusters:
             await cluster.close()
         # Flushes the spans still queued; it blocks, so off the event loop.
         await asyncio.to_thread(self.telemetry.shutdown)
+
+
+def _probe(address: str) -> None:
+    """Refuse a port that another socket holds, as a bind without ``SO_REUSEPORT`` would.
+
+    lbgw's own server binds with ``SO_REUSEPORT`` so that a reload can hand
+    the port over; this plain bind first (``SO_REUSEADDR`` only, so that
+    connections in ``TIME_WAIT`` do not count) fails if any other socket
+    listens there, with or without ``SO_REUSEPORT``. Port 0 needs no probe.
+    """
+    host, port = parse_address(address)
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise StartError(f"cannot listen on {address}: {exc}") from exc
+    for family, kind, proto, _, sockaddr in infos[:1]:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                raise StartError(f"cannot listen on {address}: {exc.strerror}") from exc

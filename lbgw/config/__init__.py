@@ -15,10 +15,12 @@ what it is given. See the README for a complete commented example.
 from lbgw.config.env import sticky_from_env, tracing_from_env
 from lbgw.config.fields import is_metadata_key, is_method_name, parse_address
 from lbgw.config.model import (
+    DEFAULT_DNS_REFRESH,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_OTLP_ENDPOINT,
     DEFAULT_STICKY_KEY,
     DEFAULT_TABLE_SIZE,
+    DNS_TYPES,
     HASH_ON,
     HASH_STRATEGIES,
     HEALTH_MODES,
@@ -36,6 +38,7 @@ from lbgw.config.model import (
     WEIGHTED_STRATEGIES,
     ClusterConfig,
     Config,
+    DnsConfig,
     EndpointConfig,
     HealthCheckConfig,
     Limits,
@@ -53,10 +56,12 @@ from lbgw.config.model import (
 from lbgw.config.reader import config_from_mapping, load_config
 
 __all__ = [
+    "DEFAULT_DNS_REFRESH",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_OTLP_ENDPOINT",
     "DEFAULT_STICKY_KEY",
     "DEFAULT_TABLE_SIZE",
+    "DNS_TYPES",
     "HASH_ON",
     "HASH_STRATEGIES",
     "HEALTH_MODES",
@@ -74,6 +79,7 @@ __all__ = [
     "WEIGHTED_STRATEGIES",
     "ClusterConfig",
     "Config",
+    "DnsConfig",
     "EndpointConfig",
     "HealthCheckConfig",
     "Limits",
