@@ -31,19 +31,30 @@ reloading a changed certificate under the same name is the TLS module's.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from lbgw.config import ClusterConfig, Config
+from lbgw.config import ClusterConfig, Config, LogConfig
+from lbgw.exceptions import ConfigError, LbgwError
+from lbgw.logs import fields
 
 if TYPE_CHECKING:
     from lbgw.proxy import Proxy
+    from lbgw.server import Gateway
 
-__all__ = ["Plan", "Switch", "config_hash", "plan"]
+__all__ = ["Plan", "Reloader", "Switch", "config_hash", "plan"]
+
+log = logging.getLogger("lbgw.reload")
+
+#: Reads and validates the config again: (config, its hash); raises ConfigError.
+Loader = Callable[[], tuple[Config, str]]
 
 
 def config_hash(data: bytes | Config) -> str:
@@ -156,3 +167,68 @@ class Switch(grpc.GenericRpcHandler):
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
         return self.proxy.service(handler_call_details)
+
+
+class Reloader:
+    """The one way in for a reload: SIGHUP (``cli.py``) and, later, an admin ``POST /reload``.
+
+    ``await reloader.reload()`` re-reads and validates the whole config
+    (``load``); an invalid one is logged (file, key, expectation) and the
+    running config stays; a valid one is applied as a diff
+    (``Gateway.reload``), and the log level through ``on_log``. It returns
+    what happened, for the caller to show: ``{"ok": ..., "config": hash,
+    "error": ..., "plan": ...}``. Never raises for a bad config or a failed
+    apply: lbgw keeps serving. One reload at a time; a reload asked for
+    while one runs waits for it.
+    """
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        load: Loader,
+        *,
+        config_id: str,
+        on_log: Callable[[LogConfig], None] | None = None,
+    ) -> None:
+        self.gateway = gateway
+        self._load = load
+        self._on_log = on_log
+        self.config_id = config_id  # the hash of the config running now
+        self.reloads = 0
+        self.failures = 0
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"<Reloader config={self.config_id} reloads={self.reloads} failures={self.failures}>"
+
+    async def reload(self) -> dict[str, Any]:
+        async with self._lock:
+            return await self._reload()
+
+    async def _reload(self) -> dict[str, Any]:
+        try:
+            config, config_id = self._load()
+        except ConfigError as exc:
+            self.failures += 1
+            log.error(
+                "reload refused: config invalid, still running the old one",
+                extra=fields(source=exc.source, key=exc.key, error=str(exc), config=self.config_id),
+            )
+            return {"ok": False, "config": self.config_id, "error": str(exc)}
+        try:
+            change = await self.gateway.reload(config)
+        except Exception as exc:  # a port taken, a name that does not resolve: keep serving
+            self.failures += 1
+            log.error(
+                "reload failed, still running the old config",
+                extra=fields(error=str(exc), config=self.config_id, refused=config_id),
+                exc_info=not isinstance(exc, LbgwError | OSError),
+            )
+            return {"ok": False, "config": self.config_id, "error": str(exc)}
+        if change.log and self._on_log is not None:
+            self._on_log(config.log)
+        self.config_id = config_id
+        self.reloads += 1
+        summary = change.summary()
+        log.info("reloaded", extra=fields(config=config_id, **summary))
+        return {"ok": True, "config": config_id, "error": None, "plan": summary}

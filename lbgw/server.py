@@ -29,7 +29,7 @@ from lbgw.exceptions import StartError
 from lbgw.health import HealthService
 from lbgw.logs import fields
 from lbgw.proxy import Proxy
-from lbgw.reload import Plan, Switch, plan
+from lbgw.reload import Plan, Reloader, Switch, plan
 from lbgw.routing import Router
 from lbgw.telemetry import Telemetry
 
@@ -75,6 +75,8 @@ class Gateway:
         self._retiring: set[asyncio.Task[None]] = set()
         self._reloading = asyncio.Lock()
         self.reloads = 0  # reloads applied, since start
+        #: What re-reads the config and applies it (SIGHUP, POST /reload); set by cli.py.
+        self.reloader: Reloader | None = None
         self.reload_failures = 0  # reloads refused or failed, since start
 
     def __repr__(self) -> str:

@@ -53,7 +53,7 @@ from lbgw.config.model import (
     StrategyParams,
     TracingConfig,
 )
-from lbgw.config.reader import config_from_mapping, load_config
+from lbgw.config.reader import config_from_bytes, config_from_mapping, load_config
 
 __all__ = [
     "DEFAULT_DNS_REFRESH",
@@ -93,6 +93,7 @@ __all__ = [
     "StickyConfig",
     "StrategyParams",
     "TracingConfig",
+    "config_from_bytes",
     "config_from_mapping",
     "is_metadata_key",
     "is_method_name",
