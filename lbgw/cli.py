@@ -444,6 +444,12 @@ def _loader(args: argparse.Namespace, snapshot: str | None = None) -> Any:
     return load
 
 
+def _worker_listeners() -> tuple[ListenerConfig, ...]:
+    """A worker's listeners: the supervisor's file, each port 0 resolved once for all."""
+    with open(os.environ[WORKER_LISTENERS_ENV], encoding="utf-8") as f:
+        return tuple(ListenerConfig(a) for a in f.read().split(","))
+
+
 def _relog(log_config: LogConfig) -> None:
     configure(log_config.level, log_config.format)
 
@@ -455,12 +461,12 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     configure(config.log.level, config.log.format)
     if worker is not None:
         _die_with(int(os.environ[WORKER_PARENT_ENV]))
-        listeners = tuple(ListenerConfig(a) for a in os.environ[WORKER_LISTENERS_ENV].split(","))
+        listeners = _worker_listeners()
 
         def worker_load() -> tuple[Config, str]:
             # The supervisor validated this snapshot; the listeners are the ones it resolved.
             new, new_id, _ = load()
-            return replace(new, listeners=listeners), new_id
+            return replace(new, listeners=_worker_listeners()), new_id
 
         ready = os.environ.get(WORKER_READY_ENV)
         return asyncio.run(

@@ -37,6 +37,10 @@ __all__ = ["Gateway"]
 
 log = logging.getLogger("lbgw.server")
 
+# A replaced cluster closes after this many looks without a call in flight, this far apart.
+_IDLE_CHECKS = 5
+_IDLE_EVERY = 0.1
+
 
 def server_options(config: Config, *, reuse_port: bool) -> list[tuple[str, Any]]:
     limits = config.limits
@@ -63,7 +67,7 @@ class Gateway:
         self.config = config
         self.telemetry = telemetry if telemetry is not None else Telemetry(config.tracing)
         self._reuse_port = reuse_port
-        self._server: aio.Server | None = None
+        self._server: _Servers | None = None
         self.clusters: dict[str, Cluster] = {}
         self.proxy: Proxy | None = None
         self.health = HealthService()
@@ -117,7 +121,11 @@ class Gateway:
 
         self.proxy = self._proxy(config, self.clusters)
         self._switch = Switch(self.proxy)
-        self._server, self.addresses = await self._serve(config, {})
+        servers = _Servers()
+        self._server = servers
+        for lc in config.listeners:
+            servers.add(lc.address, *await self._serve(config, lc.address, lc.address))
+        self.addresses = servers.addresses
         for address in self.addresses:
             log.info("listening", extra=fields(address=address))
         for cluster in self.clusters.values():
@@ -156,36 +164,37 @@ class Gateway:
 
         return Proxy(Router(config.routes, target), clusters.values(), self.telemetry)
 
-    async def _serve(self, config: Config, bound: dict[str, str]) -> tuple[aio.Server, list[str]]:
-        """A started server on ``config``'s listeners (``bound``: already-resolved port 0s).
+    async def _serve(self, config: Config, listener: str, address: str) -> tuple[aio.Server, str]:
+        """A started server on one listener (``address``: its port 0 resolved, if known).
 
-        Bound with ``SO_REUSEPORT``, so that a reload can start the next
-        server on the same ports before this one stops; a single gateway
-        first probes each port without it (``_probe``), so that it still
-        refuses a port another process listens on.
+        One server per listener, so that a reload that adds or removes one
+        never touches the others: stopping a grpc server fails the calls it
+        has received but not yet handed to lbgw, so a server whose port
+        stays is never stopped. Bound with ``SO_REUSEPORT`` (workers share
+        the port; a reload of new limits starts the next server on the same
+        port before this one stops); a single gateway first probes the port
+        without it (``_probe``), so that it still refuses a port another
+        process listens on.
         """
         server = aio.server(options=server_options(config, reuse_port=True))
         # lbgw's own health service comes first, so its calls are never forwarded.
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         assert self._switch is not None
         server.add_generic_rpc_handlers((self._switch,))
-        addresses: list[str] = []
         try:
-            for listener in config.listeners:
-                address = bound.get(listener.address, listener.address)
-                if not self._reuse_port and address not in bound.values():
-                    _probe(address)
-                try:
-                    port = server.add_insecure_port(address)
-                except RuntimeError as exc:  # grpcio raises when it cannot bind
-                    raise StartError(f"cannot listen on {listener.address}: {exc}") from exc
-                host, _ = parse_address(address)
-                addresses.append(f"{host}:{port}")
+            ours = self._server is not None and address in self._server.addresses
+            if not self._reuse_port and not ours:
+                _probe(address)
+            try:
+                port = server.add_insecure_port(address)
+            except RuntimeError as exc:  # grpcio raises when it cannot bind
+                raise StartError(f"cannot listen on {listener}: {exc}") from exc
             await server.start()
         except BaseException:
             await server.stop(0)
             raise
-        return server, addresses
+        host, _ = parse_address(address)
+        return server, f"{host}:{port}"
 
     async def reload(self, config: Config) -> Plan:
         """Apply a new, validated config as a diff (``reload.plan``); nothing in flight is cut.
@@ -215,32 +224,33 @@ class Gateway:
             for cc in (*change.added, *change.rebuilt):
                 built[cc.name] = await self._build(cc)
                 await built[cc.name][0].learn_kinds()
-            server, addresses = None, self.addresses
-            if change.listeners:
-                olds = (lc.address for lc in old_config.listeners)
-                resolved = dict(zip(olds, self.addresses, strict=True))
-                server, addresses = await self._serve(config, resolved)
+            started = {}
+            servers = self._server
+            everything = old_config.limits != config.limits  # new server options: all anew
+            for lc in config.listeners:
+                if everything or lc.address not in servers.by_listener:
+                    address = servers.resolved(lc.address)
+                    started[lc.address] = await self._serve(config, lc.address, address)
         except BaseException:
             self.config = old_config
             for cluster, discovery in built.values():
                 if discovery is not None:
                     await discovery.stop()
                 await cluster.close()
+            for server, _ in started.values():
+                await server.stop(0)
             raise
-        self._install(
-            config, change, built, server=server, addresses=addresses, grace=old_config.grace_period
-        )
+        self._install(config, change, built, grace=old_config.grace_period)
+        self._hand_over(config, started, old_config.grace_period)
         self.reloads += 1
         return change
 
-    def _install(  # noqa: PLR0913 - what _reload prepared, put in place without awaiting
+    def _install(
         self,
         config: Config,
         change: Plan,
         built: dict[str, tuple[Cluster, DnsDiscovery | None]],
         *,
-        server: aio.Server | None,
-        addresses: list[str],
         grace: float,
     ) -> None:
         """Put the new config in place, with no await: no call sees half of it."""
@@ -264,15 +274,28 @@ class Gateway:
             self.health.forget(name)
         self.proxy = self._proxy(config, self.clusters)
         self._switch.proxy = self.proxy
-        if server is not None:
-            old_server, self._server = self._server, server
-            for address in addresses:
-                if address not in self.addresses:
-                    log.info("listening", extra=fields(address=address))
-            self.addresses = addresses
-            self._retire(old_server.stop(grace))
         for name, cluster in retired:
             self._retire(self._drain_cluster(name, cluster, grace))
+
+    def _hand_over(
+        self, config: Config, started: dict[str, tuple[aio.Server, str]], grace: float
+    ) -> None:
+        """The new listeners' servers serve; those of removed listeners stop and drain."""
+        servers = self._server
+        assert servers is not None
+        wanted = {lc.address for lc in config.listeners}
+        for listener, (server, address) in started.items():
+            old = servers.add(listener, server, address)
+            if old is None:
+                log.info("listening", extra=fields(address=address))
+            else:
+                self._retire(old.stop(grace))
+        for listener in list(servers.by_listener):
+            if listener not in wanted:
+                gone, address = servers.remove(listener)
+                log.info("stopped listening", extra=fields(address=address))
+                self._retire(gone.stop(grace))
+        self.addresses = servers.addresses
 
     def _retire(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -280,23 +303,26 @@ class Gateway:
         task.add_done_callback(self._retiring.discard)
 
     async def _drain_cluster(self, name: str, cluster: Cluster, grace: float) -> None:
-        """Close a replaced cluster once its calls have ended, or after ``grace``."""
+        """Close a replaced cluster once its calls have ended, or after ``grace``.
+
+        A call whose handler the old proxy gave just before the swap may not
+        have started yet (grpc.aio runs each handler in a task of its own),
+        so the cluster counts as idle only when it has had no call in flight
+        for ``_IDLE_CHECKS`` looks in a row, ``_IDLE_EVERY`` apart.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        while cluster.budget.active > 0 and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        idle = 0
+        while idle < _IDLE_CHECKS and loop.time() < deadline:
+            await asyncio.sleep(_IDLE_EVERY)
+            idle = idle + 1 if cluster.budget.active == 0 else 0
         await cluster.close()
         log.info("cluster retired", extra=fields(cluster=name, cut=cluster.budget.active))
 
     async def wait(self) -> None:
-        """Until the server stops (a reload's new server counts as the same)."""
-        while True:
-            server = self._server
-            if server is None:
-                return
-            await server.wait_for_termination()
-            if self._server is server:
-                return
+        """Until the gateway stops serving."""
+        if self._server is not None:
+            await self._server.stopped.wait()
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls; in-flight calls get ``grace`` seconds, then are cancelled.
@@ -321,7 +347,7 @@ class Gateway:
         finally:
             await self._close(server, None if grace is None else grace - delay)
 
-    async def _close(self, server: aio.Server | None, grace: float | None) -> None:
+    async def _close(self, server: _Servers | None, grace: float | None) -> None:
         if server is not None:
             self.health.end_watches()
             await server.stop(grace)
@@ -365,3 +391,40 @@ def _probe(address: str) -> None:
                 probe.bind(sockaddr)
             except OSError as exc:
                 raise StartError(f"cannot listen on {address}: {exc.strerror}") from exc
+
+
+class _Servers:
+    """The gateway's grpc servers, one per listener, by the listener's configured address."""
+
+    def __init__(self) -> None:
+        self.by_listener: dict[str, tuple[aio.Server, str]] = {}
+        self.stopped = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Servers {', '.join(self.addresses) or '-'}>"
+
+    @property
+    def addresses(self) -> list[str]:
+        """The addresses served, with port 0 resolved, in the listeners' order."""
+        return [address for _, address in self.by_listener.values()]
+
+    def resolved(self, listener: str) -> str:
+        """The address a listener is served on now (its port 0 resolved), or as configured."""
+        found = self.by_listener.get(listener)
+        return listener if found is None else found[1]
+
+    def add(self, listener: str, server: aio.Server, address: str) -> aio.Server | None:
+        """Serve ``listener`` with ``server`` from now on; the server it replaces, if any."""
+        old = self.by_listener.get(listener)
+        self.by_listener[listener] = (server, address)
+        return None if old is None else old[0]
+
+    def remove(self, listener: str) -> tuple[aio.Server, str]:
+        return self.by_listener.pop(listener)
+
+    async def stop(self, grace: float | None) -> None:
+        servers = [server for server, _ in self.by_listener.values()]
+        try:
+            await asyncio.gather(*(server.stop(grace) for server in servers))
+        finally:
+            self.stopped.set()

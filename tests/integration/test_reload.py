@@ -4,7 +4,7 @@ Each reload rewrites the config file and sends lbgw SIGHUP: endpoints are
 added and removed, weights and strategies change, and a second listener
 comes and goes (the callers use the first, which stays). After each reload
 the split of the calls follows the new weights. The same with --workers 2,
-where a listener change starts new workers and drains the old ones. A
+where each worker applies the same validated snapshot. A
 broken file on SIGHUP keeps lbgw serving the old config, and the log names
 the key.
 """
@@ -61,7 +61,8 @@ class Callers:
                     reply = await stub.Unary(request(), timeout=10)
                     self.replies.append((time.monotonic(), reply.backend))
                 except aio.AioRpcError as exc:
-                    self.failures.append(f"{exc.code().name}: {exc.details()}")
+                    at = time.monotonic()
+                    self.failures.append(f"{at:.3f} {exc.code().name}: {exc.details()}")
                 await asyncio.sleep(0.002)
 
     def start(self) -> None:
@@ -76,20 +77,15 @@ class Callers:
 
 
 async def applied(lbgw: LbgwProcess, config_id: str, workers: int, timeout: float = 30) -> None:
-    """Until ``workers`` processes run ``config_id``, and the workers it replaced have exited."""
+    """Until ``workers`` processes say they run ``config_id``."""
     async with asyncio.timeout(timeout):
         while True:
-            lines = list(lbgw.lines)
             running = {
                 e["pid"]
-                for e in lines
+                for e in list(lbgw.lines)
                 if e.get("event") in ("serving", "reloaded") and e.get("config") == config_id
             }
-            changes = [e for e in lines if e.get("event") == "new workers serving"]
-            exited = {e["pid"] for e in lines if e.get("event") == "old worker exited"}
-            drained = not changes or changes[-1].get("config") != config_id
-            drained = drained or set(changes[-1]["draining"]) <= exited
-            if len(running) >= workers and drained:
+            if len(running) >= workers:
                 return
             await asyncio.sleep(0.05)
 
@@ -138,8 +134,8 @@ async def test_ten_reloads_under_8_callers_lose_no_call(tmp_path: Path, workers:
                 config_id = write(step)
                 lbgw.process.send_signal(signal.SIGHUP)
                 await applied(lbgw, config_id, workers)
-                since = time.monotonic()
-                await asyncio.sleep(1.0)
+                since = time.monotonic() + 0.25  # calls picked before it may still end
+                await asyncio.sleep(1.25)
                 listeners, weights, strategy = steps[step]
                 got = shares(callers.split(since))
                 if strategy != "least_request":  # its split follows load, not weights alone
@@ -156,7 +152,7 @@ async def test_ten_reloads_under_8_callers_lose_no_call(tmp_path: Path, workers:
             assert lbgw.process.poll() is None
             lbgw.process.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(lbgw.wait, 30) == 0
-    assert callers.failures == [], callers.failures[:5]
+    assert callers.failures == [], callers.failures
     assert len(callers.replies) > 1000
     print(f"\nworkers={workers}: {len(callers.replies)} calls, {len(callers.failures)} lost")
 
