@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -285,3 +286,45 @@ def test_quick_form_refuses_a_bad_backend_dns(bad: str) -> None:
     )
     assert result.returncode == 2
     assert "dns" in result.stderr
+
+
+async def test_a_connection_failure_re_resolves_early(tmp_path: Path) -> None:
+    """With a 30 s refresh, a backend that goes away is dropped within seconds: its
+    connection fails, and that re-resolves at once (at most once per refresh / 5)."""
+    port = free_port(HOSTS)
+    refresh = 30.0
+    with dnsmasq(tmp_path) as dns_server:
+        dns_server.write([(HOSTS[0], NAME), (HOSTS[1], NAME)])
+        a, b = EchoBackend("a"), EchoBackend("b")
+        async with serve_at(echo_registrar(a), f"{HOSTS[0]}:{port}"):
+            cfg = dns_config(
+                dns_server,
+                port,
+                health_check={"interval": 0.2, "unhealthy_threshold": 1},
+            )
+            cfg = dataclasses.replace(
+                cfg,
+                clusters=tuple(
+                    dataclasses.replace(
+                        c, dns=(dataclasses.replace(c.dns[0], refresh_interval=refresh),)
+                    )
+                    for c in cfg.clusters
+                ),
+            )
+            b_server = serve_at(echo_registrar(b), f"{HOSTS[1]}:{port}")
+            await b_server.__aenter__()
+            try:
+                async with Gateway(cfg) as gw:
+                    discovery = gw.discoveries["echo"]
+                    assert len(gw.clusters["echo"].endpoints) == 2
+                    dns_server.write([(HOSTS[0], NAME)])
+                    gone = time.monotonic()
+                    await b_server.__aexit__(None, None, None)  # b stops: its connection fails
+                    async with asyncio.timeout(refresh / 2):
+                        while len(gw.clusters["echo"].endpoints) != 1:
+                            await asyncio.sleep(0.05)
+                    took = time.monotonic() - gone
+                    assert discovery.early >= 1
+            finally:
+                await b_server.__aexit__(None, None, None)
+    assert took < refresh / 2
