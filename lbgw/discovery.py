@@ -30,7 +30,7 @@ The resolver is dnspython's asyncio resolver (``dns.asyncresolver``): pure
 Python, typed, reads ``/etc/resolv.conf`` when no nameservers are given,
 and takes a port per nameserver. aiodns (c-ares) was the alternative; for
 one query every few seconds per cluster, its lower CPU per query does not
-matter (``bench/dns.py`` measures both), and dnspython needs no C library.
+matter (``bench/resolvers.py`` measures both), and dnspython needs no C library.
 """
 
 from __future__ import annotations
