@@ -99,6 +99,9 @@ class Worker:
     process: subprocess.Popen[bytes]
     started: float
     ready: bool = False
+    #: A reload came before it served: SIGHUP it once it does (until then, SIGHUP's
+    #: default action, before lbgw takes the signal over, would kill it).
+    reload_pending: bool = False
 
     @property
     def pid(self) -> int:
@@ -228,6 +231,16 @@ class Supervisor:
         for w in self.workers:
             if w.pid in ready:
                 w.ready = True
+            if w.ready and w.reload_pending:
+                w.reload_pending = False
+                self._hup(w)
+
+    def _hup(self, w: Worker) -> None:
+        if not w.ready:
+            w.reload_pending = True
+            return
+        with contextlib.suppress(ProcessLookupError):
+            w.process.send_signal(signal.SIGHUP)
 
     def _backoff(self) -> float:
         first, largest = RESTART_BACKOFF
@@ -300,8 +313,7 @@ class Supervisor:
             "reload", extra=fields(config=config_id, addresses=self.addresses, **change.summary())
         )
         for w in self.workers:
-            with contextlib.suppress(ProcessLookupError):
-                w.process.send_signal(signal.SIGHUP)
+            self._hup(w)
         if change.workers:
             self._resize(config.workers, old_grace)
 
