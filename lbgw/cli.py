@@ -355,8 +355,12 @@ async def _run_gateway(
     reloader = Reloader(gateway, load, config_id=config_id, on_log=_relog)
     gateway.reloader = reloader  # for the admin server's POST /reload
     reloads: set[asyncio.Task[Any]] = set()
+    draining = False
 
     def on_hup() -> None:
+        if draining:  # SIGHUP never stops lbgw, nor reloads a draining one
+            log.info("SIGHUP while draining: ignored")
+            return
         log.info("SIGHUP: reloading", extra=fields(config=reloader.config_id))
         task = asyncio.ensure_future(reloader.reload())
         reloads.add(task)
@@ -384,7 +388,7 @@ async def _run_gateway(
             os.close(ready_fd)
     waiter = asyncio.ensure_future(gateway.wait())
     await asyncio.wait((waiter, stopper), return_when=asyncio.FIRST_COMPLETED)
-    loop.remove_signal_handler(signal.SIGHUP)
+    draining = True
     grace = gateway.config.grace_period  # the config running now, reloads included
     log.info("draining", extra=fields(grace_period=grace))
     for task in list(reloads):

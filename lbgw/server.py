@@ -40,6 +40,8 @@ log = logging.getLogger("lbgw.server")
 # A replaced cluster closes after this many looks without a call in flight, this far apart.
 _IDLE_CHECKS = 5
 _IDLE_EVERY = 0.1
+# A reload waits this long at least for a new DNS cluster's first answer.
+_DNS_WAIT = 10.0
 
 
 def server_options(config: Config, *, reuse_port: bool) -> list[tuple[str, Any]]:
@@ -140,13 +142,27 @@ class Gateway:
                 ),
             )
 
-    async def _build(self, cc: ClusterConfig) -> tuple[Cluster, DnsDiscovery | None]:
-        """The cluster ``cc`` describes; with a ``dns`` table, once its name has resolved."""
+    async def _build(
+        self, cc: ClusterConfig, *, wait: float | None = None
+    ) -> tuple[Cluster, DnsDiscovery | None]:
+        """The cluster ``cc`` describes; with a ``dns`` table, once its name has resolved.
+
+        At start-up lbgw waits for the first answer as long as it takes (as
+        Envoy warms a cluster); a reload waits at most ``wait`` seconds, then
+        fails, and the running config stays.
+        """
         discovery = None
         if cc.dns:
             discovery = DnsDiscovery(cc.name, cc.dns)
             try:
-                cc = dataclasses.replace(cc, endpoints=await discovery.first())
+                async with asyncio.timeout(wait):
+                    cc = dataclasses.replace(cc, endpoints=await discovery.first())
+            except TimeoutError:
+                await discovery.stop()
+                raise StartError(
+                    f"cluster {cc.name!r}: {', '.join(discovery.names)} did not resolve "
+                    f"within {wait:g}s ({discovery.last_error})"
+                ) from None
             except BaseException:
                 await discovery.stop()
                 raise
@@ -222,7 +238,8 @@ class Gateway:
         built: dict[str, tuple[Cluster, DnsDiscovery | None]] = {}
         try:
             for cc in (*change.added, *change.rebuilt):
-                built[cc.name] = await self._build(cc)
+                wait = max([_DNS_WAIT, *(2 * d.refresh_interval for d in cc.dns)])
+                built[cc.name] = await self._build(cc, wait=wait)
                 await built[cc.name][0].learn_kinds()
             started = {}
             servers = self._server
