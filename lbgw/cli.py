@@ -458,6 +458,16 @@ def _relog(log_config: LogConfig) -> None:
     configure(log_config.level, log_config.format)
 
 
+def _supervise(
+    config: Config, argv: Sequence[str], load: Any, config_id: str, data: bytes | None
+) -> int:
+    """``--workers N``: this process supervises the workers (``supervisor.py``)."""
+    supervisor = Supervisor(
+        config, argv, load, config_id=config_id, data=data, stop_early=_early_stop
+    )
+    return supervisor.run()
+
+
 def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     worker = os.environ.get(WORKER_ENV)
     load = _loader(args, os.environ.get(WORKER_CONFIG_ENV) if worker is not None else None)
@@ -483,10 +493,7 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
             )
         )
     if config.workers > 1:
-        supervisor = Supervisor(
-            config, argv, load, config_id=config_id, data=data, stop_early=_early_stop
-        )
-        return supervisor.run()
+        return _supervise(config, argv, load, config_id, data)
 
     def single_load() -> tuple[Config, str]:
         new, new_id, _ = load()
