@@ -181,3 +181,39 @@ async def test_a_broken_config_on_sighup_keeps_serving_and_names_the_key(
             assert lbgw.process.poll() is None
             lbgw.process.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(lbgw.wait, 30) == 0
+
+
+async def test_a_reload_changes_the_number_of_workers(tmp_path: Path) -> None:
+    """More workers: 0 calls lost. Fewer: the workers past the new number drain, and what
+    they had received but not yet started is failed by grpc's server shutdown (CANCELLED), at
+    most one call per caller (each caller has one call in flight): measured, not hidden."""
+    a = EchoBackend("a")
+    path = tmp_path / "lbgw.toml"
+    main = f"127.0.0.1:{free_port()}"
+    async with echo_backends(a) as (addr_a,):
+        text = toml([main], {addr_a: 1})
+        path.write_text(text.replace("[server]\n", "[server]\nworkers = 2\n"))
+        with lbgw_process("--config", str(path)) as lbgw:
+            await applied(lbgw, config_hash(path.read_bytes()), 2)
+            callers = Callers(main)
+            callers.start()
+            lost = []
+            for n in (3, 1):
+                path.write_text(text.replace("[server]\n", f"[server]\nworkers = {n}\n"))
+                lbgw.process.send_signal(signal.SIGHUP)
+                await applied(lbgw, config_hash(path.read_bytes()), n)
+                if n == 1:  # the two workers past 1 drain and exit
+                    async with asyncio.timeout(30):
+                        while len([e for e in list(lbgw.lines) if "old worker" in e["event"]]) < 2:
+                            await asyncio.sleep(0.05)
+                await asyncio.sleep(0.5)
+                lost.append(len(callers.failures))
+            await callers.stop()
+            assert lbgw.process.poll() is None
+            lbgw.process.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(lbgw.wait, 30) == 0
+    assert lost[0] == 0, callers.failures  # 2 -> 3 workers
+    assert lost[1] <= callers.n, callers.failures  # 3 -> 1
+    assert all("CANCELLED" in f for f in callers.failures), callers.failures
+    assert len(callers.replies) > 100
+    print(f"\nworkers 2 -> 3: 0 lost; 3 -> 1: {lost[1]} lost of {len(callers.replies) + lost[1]}")
