@@ -339,6 +339,15 @@ def _remember_hup(signum: int, frame: object) -> None:
     _early_hup = True
 
 
+def remember_early(signals: Sequence[int]) -> None:
+    """Signals that came before this module was imported (``python -m lbgw``)."""
+    for signum in signals:
+        if signum == signal.SIGHUP:
+            _remember_hup(signum, None)
+        else:
+            _remember_stop(signum, None)
+
+
 async def _run_gateway(
     config: Config, *, reuse_port: bool, load: Loader, config_id: str, ready_fd: int | None = None
 ) -> int:

@@ -27,8 +27,9 @@ itself. What it does:
   Why not NGINX's way (a new generation of workers, then the old one
   drains): stopping a grpc server fails the calls it has received on its
   connections but not yet handed to the application, so the old
-  generation's drain lost calls under load (18 of about 5,000 in the reload
-  test, CANCELLED); a server whose port stays is never stopped here.
+  generation's drain lost calls under load (18, CANCELLED, at the two
+  listener changes of one run of the reload test); a server whose port
+  stays is never stopped here.
 * **SIGTERM or SIGINT** is passed to every worker; the supervisor exits 0
   once all have drained, killing one still running ``grace_period`` + 10 s
   later.
