@@ -7,13 +7,12 @@ variables and ``LBGW_STICKY_SECRET`` over it, runs the gateway and drains it
 on SIGTERM or SIGINT. Exit status: 0 after a drain, 2 for a bad config or
 command line, 1 if the gateway cannot start.
 
+SIGHUP reloads the config (``reload.Reloader``): an invalid file is logged
+and the gateway keeps serving the old one; SIGHUP never stops lbgw.
+
 ``serve --workers N`` runs N worker processes that share the listening ports
-with ``SO_REUSEPORT`` (the kernel spreads incoming connections over them);
-a port 0 is resolved, and an unset sticky secret made, once for all of them.
-This process supervises them: on SIGTERM or SIGINT it sends every worker
-SIGTERM and exits 0 once all have drained, killing one still running
-``grace_period`` + 10 s later; if a worker exits on its own, it stops the
-others and exits 1.
+with ``SO_REUSEPORT``, looked after by this process (``supervisor.py``):
+restarted when they die, reloaded on SIGHUP, drained on SIGTERM.
 """
 
 from __future__ import annotations
@@ -25,12 +24,8 @@ import ctypes
 import logging
 import math
 import os
-import secrets
 import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Final
@@ -38,11 +33,13 @@ from typing import Any, Final
 from lbgw.config import (
     HASH_STRATEGIES,
     HEALTH_MODES,
-    STICKY_SECRET_ENV,
     STRATEGIES,
     Config,
+    ListenerConfig,
+    LogConfig,
     MethodKind,
     TracingConfig,
+    config_from_bytes,
     config_from_mapping,
     is_metadata_key,
     is_method_name,
@@ -53,15 +50,20 @@ from lbgw.config import (
 )
 from lbgw.exceptions import ConfigError, LbgwError
 from lbgw.logs import configure, fields
+from lbgw.reload import config_hash
+from lbgw.supervisor import (
+    WORKER_CONFIG_ENV,
+    WORKER_ENV,
+    WORKER_LISTENERS_ENV,
+    WORKER_PARENT_ENV,
+    WORKER_READY_ENV,
+    Supervisor,
+)
 
 __all__ = ["main"]
 
 log = logging.getLogger("lbgw.cli")
 
-# A worker process learns its role and its (already resolved) listeners here.
-_WORKER_ENV: Final = "LBGW_WORKER"
-_WORKER_LISTENERS_ENV: Final = "LBGW_WORKER_LISTENERS"
-_WORKER_PARENT_ENV: Final = "LBGW_WORKER_PARENT"
 EXIT_CONFIG: Final = 2
 
 
@@ -86,6 +88,20 @@ def _backend(text: str) -> dict[str, Any]:
             f"{text!r}: expected host:port or host:port=WEIGHT, port 1-65535, WEIGHT >= 1"
         ) from None
     return {"address": address, "weight": int(weight) if sep else 1}
+
+
+def _backend_dns(text: str) -> dict[str, Any]:
+    name, sep, port = text.rpartition(":")
+    if (
+        not sep
+        or not name
+        or not (port.isascii() and port.isdigit())
+        or not 1 <= int(port) <= 65535
+    ):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected NAME:PORT, a DNS name and a port 1-65535"
+        )
+    return {"name": name, "port": int(port)}
 
 
 def _method_kind(text: str) -> tuple[str, str]:
@@ -122,6 +138,27 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         type=_backend,
         help="a backend endpoint, weight 1 unless given (quick form; repeatable)",
+    )
+    serve.add_argument(
+        "--backend-dns",
+        metavar="NAME:PORT",
+        action="append",
+        type=_backend_dns,
+        help="backends are what NAME resolves to (A and AAAA records), on PORT; re-resolved "
+        "every --dns-refresh seconds (quick form; repeatable, instead of --backend)",
+    )
+    serve.add_argument(
+        "--dns-server",
+        metavar="HOST:PORT",
+        action="append",
+        type=_listen,
+        help="with --backend-dns: the nameserver to ask (repeatable; default: resolv.conf)",
+    )
+    serve.add_argument(
+        "--dns-refresh",
+        type=float,
+        metavar="SECONDS",
+        help="with --backend-dns: seconds between resolutions (default 5)",
     )
     serve.add_argument("--strategy", choices=STRATEGIES, help="picking strategy (default swrr)")
     serve.add_argument(
@@ -259,7 +296,10 @@ def _check_tls(config: Config) -> list[str]:
         raise
 
 
-def _serve_config(args: argparse.Namespace) -> Config:  # noqa: PLR0912, PLR0915 - a flag each
+def _serve_config(  # noqa: PLR0912, PLR0915 - a flag each
+    args: argparse.Namespace, data: bytes | None = None
+) -> Config:
+    """The config ``serve`` runs: the file (or ``data``, its bytes read before) or the flags."""
     quick = (
         args.listen
         or args.backend
@@ -271,17 +311,25 @@ def _serve_config(args: argparse.Namespace) -> Config:  # noqa: PLR0912, PLR0915
         or args.health_rpc
         or args.hash_key
         or _tls_given(args)
+        or args.backend_dns
+        or args.dns_server
+        or args.dns_refresh is not None
     )
     if args.config and quick:
         raise ConfigError(
             "command line", "--config", "either --config or the quick form flags, not both"
         )
     if args.config:
-        config = load_config(args.config)
+        config = load_config(args.config) if data is None else config_from_bytes(data, args.config)
     else:
-        if not args.backend:
+        dns = _quick_dns(args)
+        if not args.backend and not dns:
             raise ConfigError("command line", "--backend", "at least one --backend HOST:PORT")
-        addresses = [b["address"] for b in args.backend]
+        if args.backend and dns:
+            raise ConfigError(
+                "command line", "--backend-dns", "either --backend or --backend-dns, not both"
+            )
+        addresses = [b["address"] for b in args.backend or ()]
         for address in addresses:
             if addresses.count(address) > 1:
                 raise ConfigError("command line", "--backend", "each address once", address)
@@ -290,7 +338,7 @@ def _serve_config(args: argparse.Namespace) -> Config:  # noqa: PLR0912, PLR0915
             if methods.count(method) > 1:
                 raise ConfigError("command line", "--method", "each method once", method)
         cluster: dict[str, Any] = {
-            "endpoints": args.backend,
+            **({"dns": dns} if dns else {"endpoints": args.backend}),
             "strategy": args.strategy or "swrr",
             "methods": dict(args.method),
             "reflection": args.reflection,
@@ -375,8 +423,30 @@ def _remember_stop(signum: int, frame: object) -> None:
     _early_stop = True
 
 
-async def _run_gateway(config: Config, *, reuse_port: bool) -> int:
-    from lbgw.server import Gateway  # noqa: PLC0415 - keep `check-config` light
+# A SIGHUP before the gateway serves (its default action would kill lbgw) is
+# remembered and reloads once it serves.
+_early_hup = False
+
+
+def _remember_hup(signum: int, frame: object) -> None:
+    global _early_hup  # noqa: PLW0603 - set from a signal handler
+    _early_hup = True
+
+
+def remember_early(signals: Sequence[int]) -> None:
+    """Signals that came before this module was imported (``python -m lbgw``)."""
+    for signum in signals:
+        if signum == signal.SIGHUP:
+            _remember_hup(signum, None)
+        else:
+            _remember_stop(signum, None)
+
+
+async def _run_gateway(
+    config: Config, *, reuse_port: bool, load: Loader, config_id: str, ready_fd: int | None = None
+) -> int:
+    from lbgw.reload import Reloader  # noqa: PLC0415 - keep `check-config` light
+    from lbgw.server import Gateway  # noqa: PLC0415
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -385,6 +455,20 @@ async def _run_gateway(config: Config, *, reuse_port: bool) -> int:
     if _early_stop:
         stop.set()
     gateway = Gateway(config, reuse_port=reuse_port)
+    reloader = Reloader(gateway, load, config_id=config_id, on_log=_relog)
+    gateway.reloader = reloader  # for the admin server's POST /reload
+    reloads: set[asyncio.Task[Any]] = set()
+    draining = False
+
+    def on_hup() -> None:
+        if draining:  # SIGHUP never stops lbgw, nor reloads a draining one
+            log.info("SIGHUP while draining: ignored")
+            return
+        log.info("SIGHUP: reloading", extra=fields(config=reloader.config_id))
+        task = asyncio.ensure_future(reloader.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     stopper = asyncio.ensure_future(stop.wait())
     starting = asyncio.ensure_future(gateway.start())
     await asyncio.wait((starting, stopper), return_when=asyncio.FIRST_COMPLETED)
@@ -397,14 +481,41 @@ async def _run_gateway(config: Config, *, reuse_port: bool) -> int:
     if starting.exception() is not None:
         stopper.cancel()
     starting.result()  # raises StartError (exit 1) if the gateway could not start
+    log.info("serving", extra=fields(config=config_id, worker=os.environ.get(WORKER_ENV)))
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    if _early_hup:
+        on_hup()
+    if ready_fd is not None:  # tell the supervisor this worker serves
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, f"{os.getpid()}\n".encode())
+            os.close(ready_fd)
     waiter = asyncio.ensure_future(gateway.wait())
     await asyncio.wait((waiter, stopper), return_when=asyncio.FIRST_COMPLETED)
-    log.info("draining", extra=fields(grace_period=config.grace_period))
-    await gateway.stop(config.grace_period)
+    draining = True
+    grace = gateway.config.grace_period  # the config running now, reloads included
+    log.info("draining", extra=fields(grace_period=grace))
+    for task in list(reloads):
+        task.cancel()
+    await gateway.stop(grace)
     waiter.cancel()
     stopper.cancel()
     log.info("stopped")
     return 0
+
+
+def _quick_dns(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The ``dns`` tables of the quick form's cluster (none without --backend-dns)."""
+    if not args.backend_dns:
+        if args.dns_server or args.dns_refresh is not None:
+            flag = "--dns-server" if args.dns_server else "--dns-refresh"
+            raise ConfigError("command line", flag, "--backend-dns NAME:PORT as well")
+        return []
+    extra: dict[str, Any] = {}
+    if args.dns_server:
+        extra["nameservers"] = args.dns_server
+    if args.dns_refresh is not None:
+        extra["refresh_interval"] = args.dns_refresh
+    return [{**d, **extra} for d in args.backend_dns]
 
 
 def _die_with(parent: int) -> None:
@@ -416,95 +527,99 @@ def _die_with(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _reserve_ports(config: Config) -> tuple[list[str], list[socket.socket]]:
-    """Resolve port 0 for every worker alike: bind (not listen) with SO_REUSEPORT."""
-    addresses: list[str] = []
-    holders: list[socket.socket] = []
-    for listener in config.listeners:
-        host, port = parse_address(listener.address)
-        if port == 0:
-            bare = host.strip("[]")
-            family = socket.AF_INET6 if ":" in bare else socket.AF_INET
-            holder = socket.socket(family, socket.SOCK_STREAM)
-            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            holder.bind((bare, 0))
-            holders.append(holder)
-            port = holder.getsockname()[1]
-        addresses.append(f"{host}:{port}")
-    return addresses, holders
+Loader = Any  # reload.Loader: () -> (Config, its hash)
 
 
-def _supervise(config: Config, argv: Sequence[str]) -> int:
-    stopping = _early_stop
-
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    addresses, holders = _reserve_ports(config)
-    env = dict(os.environ, **{_WORKER_LISTENERS_ENV: ",".join(addresses)})
-    if any(c.sticky.enabled and not c.sticky.secret for c in config.clusters):
-        # One secret for all the workers, so that each honours the others' tokens.
-        env[STICKY_SECRET_ENV] = secrets.token_urlsafe(32)
-    env[_WORKER_PARENT_ENV] = str(os.getpid())
-    workers: list[subprocess.Popen[bytes]] = []
-    for n in range(config.workers):
-        env[_WORKER_ENV] = str(n)
-        workers.append(subprocess.Popen([sys.executable, "-m", "lbgw", *argv], env=dict(env)))
-    log.info("workers", extra=fields(pids=[w.pid for w in workers], addresses=addresses))
-    status = 0
+def _read(path: str) -> bytes:
     try:
-        while not stopping:
-            exited = [w for w in workers if w.poll() is not None]
-            if exited:
-                for w in exited:
-                    log.error("worker exited", extra=fields(pid=w.pid, code=w.returncode))
-                status = 1
-                break
-            time.sleep(0.1)
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + config.grace_period + 10.0
-        for w in workers:
-            try:
-                code = w.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.error("worker did not stop; killing it", extra=fields(pid=w.pid))
-                w.kill()
-                code = w.wait()
-            # A worker stopped by SIGTERM before it could take the signal
-            # over was not serving yet: that is a clean stop too.
-            if code not in (0, -signal.SIGTERM) or (code != 0 and not stopping):
-                status = 1
-        for holder in holders:
-            holder.close()
-    log.info("stopped", extra=fields(code=status))
-    return status
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigError(path, "(file)", f"a readable TOML file ({exc.strerror})") from exc
+
+
+def _loader(args: argparse.Namespace, snapshot: str | None = None) -> Any:
+    """Reads and validates the config again (SIGHUP): (config, hash, the file's bytes)."""
+
+    def load() -> tuple[Config, str, bytes | None]:
+        if not args.config:  # the quick form: the same flags, the same config
+            config = _serve_config(args)
+            return config, config_hash(config), None
+        data = _read(snapshot or args.config)
+        return _serve_config(args, data), config_hash(data), data
+
+    return load
+
+
+def _worker_listeners(config: Config) -> tuple[ListenerConfig, ...]:
+    """A worker's listeners: ``config``'s, at the addresses of the supervisor's file.
+
+    The supervisor writes the file in the listeners' order, each port 0
+    resolved once for all the workers; the rest of each listener (its TLS)
+    is the config's.
+    """
+    with open(os.environ[WORKER_LISTENERS_ENV], encoding="utf-8") as f:
+        addresses = f.read().split(",")
+    if len(addresses) != len(config.listeners):
+        raise ConfigError(
+            os.environ[WORKER_LISTENERS_ENV],
+            "listeners",
+            f"{len(config.listeners)} addresses, one per listener",
+            len(addresses),
+        )
+    return tuple(replace(lc, address=a) for lc, a in zip(config.listeners, addresses, strict=True))
+
+
+def _relog(log_config: LogConfig) -> None:
+    configure(log_config.level, log_config.format)
+
+
+def _supervise(
+    config: Config, argv: Sequence[str], load: Any, config_id: str, data: bytes | None
+) -> int:
+    """``--workers N``: this process supervises the workers (``supervisor.py``)."""
+    supervisor = Supervisor(
+        config, argv, load, config_id=config_id, data=data, stop_early=_early_stop
+    )
+    return supervisor.run()
 
 
 def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    config = _serve_config(args)
+    worker = os.environ.get(WORKER_ENV)
+    load = _loader(args, os.environ.get(WORKER_CONFIG_ENV) if worker is not None else None)
+    config, config_id, data = load()
     configure(config.log.level, config.log.format)
     # A bad TLS file stops here, exit 2, before any worker; the gateway logs the warnings.
     _check_tls(config)
-    worker = os.environ.get(_WORKER_ENV)
     if worker is not None:
-        _die_with(int(os.environ[_WORKER_PARENT_ENV]))
-        listeners = os.environ[_WORKER_LISTENERS_ENV].split(",")
-        config = replace(
-            config,
-            listeners=tuple(
-                replace(lc, address=a) for lc, a in zip(config.listeners, listeners, strict=True)
-            ),
+        _die_with(int(os.environ[WORKER_PARENT_ENV]))
+        listeners = _worker_listeners(config)
+
+        def worker_load() -> tuple[Config, str]:
+            # The supervisor validated this snapshot; the listeners are the ones it resolved.
+            new, new_id, _ = load()
+            return replace(new, listeners=_worker_listeners(new)), new_id
+
+        ready = os.environ.get(WORKER_READY_ENV)
+        return asyncio.run(
+            _run_gateway(
+                replace(config, listeners=listeners),
+                reuse_port=True,
+                load=worker_load,
+                config_id=config_id,
+                ready_fd=int(ready) if ready else None,
+            )
         )
-        return asyncio.run(_run_gateway(config, reuse_port=True))
     if config.workers > 1:
-        return _supervise(config, argv)
-    return asyncio.run(_run_gateway(config, reuse_port=False))
+        return _supervise(config, argv, load, config_id, data)
+
+    def single_load() -> tuple[Config, str]:
+        new, new_id, _ = load()
+        return new, new_id
+
+    return asyncio.run(
+        _run_gateway(config, reuse_port=False, load=single_load, config_id=config_id)
+    )
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -553,6 +668,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             signal.signal(signal.SIGTERM, _remember_stop)
             signal.signal(signal.SIGINT, _remember_stop)
+            signal.signal(signal.SIGHUP, _remember_hup)
             return _serve(args, argv)
         if args.command == "check-config":
             return _check_config(args)

@@ -122,6 +122,7 @@ class Cluster:
         "name",
         "retries",
         "strategy",
+        "tls",
     )
 
     def __init__(  # noqa: PLR0913 - its parts, made by build_cluster (or offline_cluster)
@@ -149,6 +150,8 @@ class Cluster:
         self.budget = RetryBudget(config.retries)
         self._options = list(options)
         self._credentials = credentials  # TLS to the endpoints; None: plaintext
+        #: The TLS files behind ``_credentials`` (the gateway watches them); None: plaintext.
+        self.tls: ClientTls | None = None
         self._grace = grace
         self._leaving: set[Endpoint] = set()  # removed, with calls still in flight
         self._closing: set[asyncio.Task[None]] = set()  # channels of removed endpoints
@@ -500,5 +503,6 @@ def build_cluster(
         grace=grace,
         credentials=credentials,
     )
+    cluster.tls = tls
     checker.start()
     return cluster

@@ -274,6 +274,7 @@ class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # no
 
     def __init__(self) -> None:
         self._status: dict[str, int] = {"": _SERVING}
+        self._tracked: dict[str, ClusterHealth] = {}
         self._watchers: dict[str, set[asyncio.Queue[int]]] = {}
         self._draining = False
 
@@ -306,9 +307,26 @@ class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # no
                 queue.put_nowait(_END)
 
     def track(self, health: ClusterHealth) -> None:
-        """Keep ``health.name``'s status in step with its rotation."""
+        """Keep ``health.name``'s status in step with its rotation.
+
+        A cluster tracked again under the same name (rebuilt by a reload)
+        replaces the one before: the old one's changes no longer count.
+        """
+        self._tracked[health.name] = health
         self.set(health.name, health.serving)
-        health.on_change(lambda h: self.set(h.name, h.serving))
+        health.on_change(self._changed)
+
+    def _changed(self, health: ClusterHealth) -> None:
+        if self._tracked.get(health.name) is health:
+            self.set(health.name, health.serving)
+
+    def forget(self, service: str) -> None:
+        """A cluster removed by a reload: its service is unknown from now on."""
+        self._tracked.pop(service, None)
+        if service in self._status and service:
+            del self._status[service]
+            for queue in self._watchers.get(service, ()):
+                queue.put_nowait(_SERVICE_UNKNOWN)
 
     async def Check(  # noqa: N802 - the method's name in the protocol
         self, request: health_pb2.HealthCheckRequest, context: _Context

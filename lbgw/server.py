@@ -12,7 +12,9 @@ SIGTERM and SIGINT.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import socket
 from types import TracebackType
 from typing import Any
 
@@ -21,11 +23,13 @@ from grpc_health.v1 import health_pb2_grpc
 
 from lbgw import _grpc_private
 from lbgw.cluster import Cluster, Target, build_cluster
-from lbgw.config import Config, RouteConfig, parse_address
+from lbgw.config import ClusterConfig, Config, RouteConfig, parse_address
+from lbgw.discovery import DnsDiscovery
 from lbgw.exceptions import StartError
 from lbgw.health import HealthService
 from lbgw.logs import fields
 from lbgw.proxy import Proxy
+from lbgw.reload import Plan, Reloader, Switch, plan
 from lbgw.routing import Router
 from lbgw.telemetry import Telemetry
 from lbgw.tls import (
@@ -42,6 +46,12 @@ __all__ = ["Gateway"]
 
 log = logging.getLogger("lbgw.server")
 
+# A replaced cluster closes after this many looks without a call in flight, this far apart.
+_IDLE_CHECKS = 5
+_IDLE_EVERY = 0.1
+# A reload waits this long at least for a new DNS cluster's first answer.
+_DNS_WAIT = 10.0
+
 
 def server_options(config: Config, *, reuse_port: bool) -> list[tuple[str, Any]]:
     limits = config.limits
@@ -50,6 +60,7 @@ def server_options(config: Config, *, reuse_port: bool) -> list[tuple[str, Any]]
         ("grpc.max_send_message_length", limits.max_send_message_bytes),
         # gRPC sets SO_REUSEPORT by default on Linux, which would let a second
         # gateway bind the same port silently; only --workers shares a port.
+        # (A single gateway binds with it too, after a probe: ``_probe``.)
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
     if limits.max_concurrent_streams is not None:
@@ -76,11 +87,21 @@ class Gateway:
         self.config = config
         self.telemetry = telemetry if telemetry is not None else Telemetry(config.tracing)
         self._reuse_port = reuse_port
-        self._server: aio.Server | None = None
+        self._server: _Servers | None = None
         self.clusters: dict[str, Cluster] = {}
         self.proxy: Proxy | None = None
         self.health = HealthService()
         self.addresses: list[str] = []
+        #: The DNS discovery of each cluster that has a [clusters.NAME.dns] table.
+        self.discoveries: dict[str, DnsDiscovery] = {}
+        self._switch: Switch | None = None
+        # What reloads replaced and is draining: old servers and clusters.
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._reloading = asyncio.Lock()
+        self.reloads = 0  # reloads applied, since start
+        #: What re-reads the config and applies it (SIGHUP, POST /reload); set by cli.py.
+        self.reloader: Reloader | None = None
+        self.reload_failures = 0  # reloads refused or failed, since start
         #: TLS (issue 14): the certificates in use and the reloads, for the operator's view.
         self.tls = TlsState()
         self.listener_tls: dict[str, ServerTls] = {}  # by listener address as configured
@@ -115,55 +136,24 @@ class Gateway:
     async def _start(self) -> None:
         config = self.config
         _grpc_private.check()
-        self._load_tls()
+        self.listener_tls = self._listener_tls(config)
         for cc in config.clusters:
-            cluster = build_cluster(
-                cc,
-                config.limits,
-                telemetry=self.telemetry,
-                grace=config.grace_period,
-                tls=self.cluster_tls.get(cc.name),
-            )
+            cluster, discovery = await self._build(cc)
             self.clusters[cc.name] = cluster
+            if discovery is not None:
+                self.discoveries[cc.name] = discovery
             self.health.track(cluster.health)
         for cluster in self.clusters.values():
             await cluster.learn_kinds()
 
-        identity = client_identity(config)
-        interceptors = [IdentityInterceptor(identity)] if identity and identity.allowed else []
-        server = aio.server(
-            options=server_options(config, reuse_port=self._reuse_port),
-            interceptors=interceptors,
-        )
-        self._server = server
-        clusters = self.clusters
-
-        def target(route: RouteConfig) -> Target:
-            return Target.of(route, clusters)
-
-        self.proxy = Proxy(
-            Router(config.routes, target),
-            clusters.values(),
-            self.telemetry,
-            identity=identity if identity is not None and identity.forward else None,
-        )
-        # lbgw's own health service comes first, so its calls are never forwarded.
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        server.add_generic_rpc_handlers((self.proxy,))
-        for listener in config.listeners:
-            try:
-                server_tls = self.listener_tls.get(listener.address)
-                if server_tls is None:
-                    port = server.add_insecure_port(listener.address)
-                else:  # one credentials object per port: see lbgw.tls
-                    port = server.add_secure_port(listener.address, server_tls.credentials())
-            except RuntimeError as exc:  # grpcio raises when it cannot bind
-                raise StartError(f"cannot listen on {listener.address}: {exc}") from exc
-            host, _ = parse_address(listener.address)
-            self.addresses.append(f"{host}:{port}")
-        await server.start()
-        if self.cluster_tls:
-            self._tls_watch = asyncio.ensure_future(self._watch_cluster_tls())
+        self.proxy = self._proxy(config, self.clusters)
+        self._switch = Switch(self.proxy)
+        servers = _Servers()
+        self._server = servers
+        for lc in config.listeners:
+            servers.add(lc.address, *await self._serve(config, lc.address, lc.address))
+        self.addresses = servers.addresses
+        self._watch_tls()
         for address in self.addresses:
             log.info("listening", extra=fields(address=address))
         for cluster in self.clusters.values():
@@ -178,37 +168,274 @@ class Gateway:
                 ),
             )
 
-    def _load_tls(self) -> None:
-        """Every listener's and cluster's certificates; a bad file is a ``ConfigError``."""
+    async def _build(
+        self, cc: ClusterConfig, *, wait: float | None = None
+    ) -> tuple[Cluster, DnsDiscovery | None]:
+        """The cluster ``cc`` describes; with a ``dns`` table, once its name has resolved.
+
+        At start-up lbgw waits for the first answer as long as it takes (as
+        Envoy warms a cluster); a reload waits at most ``wait`` seconds, then
+        fails, and the running config stays.
+        """
+        discovery = None
+        if cc.dns:
+            discovery = DnsDiscovery(cc.name, cc.dns)
+            try:
+                async with asyncio.timeout(wait):
+                    cc = dataclasses.replace(cc, endpoints=await discovery.first())
+            except TimeoutError:
+                await discovery.stop()
+                raise StartError(
+                    f"cluster {cc.name!r}: {', '.join(discovery.names)} did not resolve "
+                    f"within {wait:g}s ({discovery.last_error})"
+                ) from None
+            except BaseException:
+                await discovery.stop()
+                raise
         config = self.config
+        cluster_tls = None
+        try:
+            if cc.tls is not None:
+                cluster_tls = ClientTls(cc.name, cc.tls, self.tls)
+            cluster = build_cluster(
+                cc,
+                config.limits,
+                telemetry=self.telemetry,
+                grace=config.grace_period,
+                tls=cluster_tls,
+            )
+        except BaseException as exc:
+            if discovery is not None:
+                await discovery.stop()
+            if isinstance(exc, TlsFileError):
+                raise as_config_error(config.source, exc) from None
+            raise
+        if discovery is not None:
+            discovery.start(cluster)
+        return cluster, discovery
+
+    def _listener_tls(self, config: Config) -> dict[str, ServerTls]:
+        """Each TLS listener's certificates, loaded; a bad file is a ``ConfigError``."""
+        loaded: dict[str, ServerTls] = {}
         try:
             for n, listener in enumerate(config.listeners):
                 if listener.tls is not None:
-                    self.listener_tls[listener.address] = ServerTls(
+                    loaded[listener.address] = ServerTls(
                         listener.address, listener.tls, f"listeners[{n}].tls", self.tls
                     )
-            for cc in config.clusters:
-                if cc.tls is not None:
-                    self.cluster_tls[cc.name] = ClientTls(cc.name, cc.tls, self.tls)
         except TlsFileError as exc:
             raise as_config_error(config.source, exc) from None
+        return loaded
+
+    def _watch_tls(self) -> None:
+        """Start looking at the backend TLS files, once some cluster has them."""
+        self.cluster_tls = {name: c.tls for name, c in self.clusters.items() if c.tls is not None}
+        if self.cluster_tls and self._tls_watch is None:
+            self._tls_watch = asyncio.ensure_future(self._watch_cluster_tls())
 
     async def _watch_cluster_tls(self) -> None:
         """Look at the backend TLS files; when they changed and are good, renew the channels."""
         while True:
             await asyncio.sleep(self._tls_poll_interval)
-            for name, ctls in list(self.cluster_tls.items()):
-                if not ctls.changed():
+            for name, cluster in list(self.clusters.items()):
+                ctls = cluster.tls
+                if ctls is None or not ctls.changed():
                     continue
                 renewed = ctls.reload()
                 if renewed is not None:
-                    self.cluster_tls[name] = renewed
-                    self.clusters[name].renew_channels(renewed.credentials)
+                    cluster.tls = self.cluster_tls[name] = renewed
+                    cluster.renew_channels(renewed.credentials)
+
+    def _proxy(self, config: Config, clusters: dict[str, Cluster]) -> Proxy:
+        def target(route: RouteConfig) -> Target:
+            return Target.of(route, clusters)
+
+        identity = client_identity(config)
+        return Proxy(
+            Router(config.routes, target),
+            clusters.values(),
+            self.telemetry,
+            identity=identity if identity is not None and identity.forward else None,
+        )
+
+    async def _serve(self, config: Config, listener: str, address: str) -> tuple[aio.Server, str]:
+        """A started server on one listener (``address``: its port 0 resolved, if known).
+
+        One server per listener, so that a reload that adds or removes one
+        never touches the others: stopping a grpc server fails the calls it
+        has received but not yet handed to lbgw, so a server whose port
+        stays is never stopped. Bound with ``SO_REUSEPORT`` (workers share
+        the port; a reload of new limits starts the next server on the same
+        port before this one stops); a single gateway first probes the port
+        without it (``_probe``), so that it still refuses a port another
+        process listens on.
+        """
+        identity = client_identity(config)
+        interceptors = [IdentityInterceptor(identity)] if identity and identity.allowed else []
+        server = aio.server(
+            options=server_options(config, reuse_port=True), interceptors=interceptors
+        )
+        # lbgw's own health service comes first, so its calls are never forwarded.
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        assert self._switch is not None
+        server.add_generic_rpc_handlers((self._switch,))
+        try:
+            ours = self._server is not None and address in self._server.addresses
+            if not self._reuse_port and not ours:
+                _probe(address)
+            server_tls = self.listener_tls.get(listener)
+            try:
+                if server_tls is None:
+                    port = server.add_insecure_port(address)
+                else:  # one credentials object per port: see lbgw.tls
+                    port = server.add_secure_port(address, server_tls.credentials())
+            except RuntimeError as exc:  # grpcio raises when it cannot bind
+                raise StartError(f"cannot listen on {listener}: {exc}") from exc
+            await server.start()
+        except BaseException:
+            await server.stop(0)
+            raise
+        host, _ = parse_address(address)
+        return server, f"{host}:{port}"
+
+    async def reload(self, config: Config) -> Plan:
+        """Apply a new, validated config as a diff (``reload.plan``); nothing in flight is cut.
+
+        New clusters (added, or rebuilt for a change) are built first, and
+        a new server bound if the listeners changed: if either fails
+        (``StartError``, say), nothing has changed and the error is raised.
+        Then the proxy is swapped, and what was replaced drains in the
+        background: an old server stops accepting and gives its calls the
+        grace period; an old cluster closes once its last call has ended
+        (or after the grace period). One reload at a time.
+        """
+        async with self._reloading:
+            try:
+                return await self._reload(config)
+            except BaseException:
+                self.reload_failures += 1
+                raise
+
+    async def _reload(self, config: Config) -> Plan:
+        if self._switch is None or self._server is None:
+            raise RuntimeError("the gateway is not serving")
+        change = plan(self.config, config)
+        old_config, self.config = self.config, config  # new clusters take the new limits
+        built: dict[str, tuple[Cluster, DnsDiscovery | None]] = {}
+        old_listener_tls = self.listener_tls
+        started: dict[str, tuple[aio.Server, str]] = {}
+        try:
+            self.listener_tls = self._listener_tls(config)
+            for cc in (*change.added, *change.rebuilt):
+                wait = max([_DNS_WAIT, *(2 * d.refresh_interval for d in cc.dns)])
+                built[cc.name] = await self._build(cc, wait=wait)
+                await built[cc.name][0].learn_kinds()
+            servers = self._server
+            # New server options, or new client-identity rules: every server anew.
+            everything = old_config.limits != config.limits or _identity(old_config) != _identity(
+                config
+            )
+            was = {lc.address: lc for lc in old_config.listeners}
+            for lc in config.listeners:
+                # A listener whose TLS settings changed is served anew; a changed
+                # certificate under the same file names is reloaded by ServerTls.
+                if everything or lc.address not in servers.by_listener or was.get(lc.address) != lc:
+                    address = servers.resolved(lc.address)
+                    started[lc.address] = await self._serve(config, lc.address, address)
+        except BaseException:
+            self.config = old_config
+            self.listener_tls = old_listener_tls
+            for cluster, discovery in built.values():
+                if discovery is not None:
+                    await discovery.stop()
+                await cluster.close()
+            for server, _ in started.values():
+                await server.stop(0)
+            raise
+        self._install(config, change, built, grace=old_config.grace_period)
+        self._hand_over(config, started, old_config.grace_period)
+        self._watch_tls()
+        self.reloads += 1
+        return change
+
+    def _install(
+        self,
+        config: Config,
+        change: Plan,
+        built: dict[str, tuple[Cluster, DnsDiscovery | None]],
+        *,
+        grace: float,
+    ) -> None:
+        """Put the new config in place, with no await: no call sees half of it."""
+        assert self._switch is not None and self._server is not None
+        retired = [(name, self.clusters.pop(name)) for name in change.removed]
+        retired += [(cc.name, self.clusters[cc.name]) for cc in change.rebuilt]
+        for name, _ in retired:
+            old_discovery = self.discoveries.pop(name, None)
+            if old_discovery is not None:
+                self._retire(old_discovery.stop())
+        for cc in change.updated:
+            cluster = self.clusters[cc.name]
+            cluster.update(cc.endpoints)
+            cluster.config = cc
+        for name, (cluster, discovery) in built.items():
+            self.clusters[name] = cluster
+            if discovery is not None:
+                self.discoveries[name] = discovery
+            self.health.track(cluster.health)
+        for name in change.removed:
+            self.health.forget(name)
+        self.proxy = self._proxy(config, self.clusters)
+        self._switch.proxy = self.proxy
+        for name, cluster in retired:
+            self._retire(self._drain_cluster(name, cluster, grace))
+
+    def _hand_over(
+        self, config: Config, started: dict[str, tuple[aio.Server, str]], grace: float
+    ) -> None:
+        """The new listeners' servers serve; those of removed listeners stop and drain."""
+        servers = self._server
+        assert servers is not None
+        wanted = {lc.address for lc in config.listeners}
+        for listener, (server, address) in started.items():
+            old = servers.add(listener, server, address)
+            if old is None:
+                log.info("listening", extra=fields(address=address))
+            else:
+                self._retire(old.stop(grace))
+        for listener in list(servers.by_listener):
+            if listener not in wanted:
+                gone, address = servers.remove(listener)
+                log.info("stopped listening", extra=fields(address=address))
+                self._retire(gone.stop(grace))
+        self.addresses = servers.addresses
+
+    def _retire(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _drain_cluster(self, name: str, cluster: Cluster, grace: float) -> None:
+        """Close a replaced cluster once its calls have ended, or after ``grace``.
+
+        A call whose handler the old proxy gave just before the swap may not
+        have started yet (grpc.aio runs each handler in a task of its own),
+        so the cluster counts as idle only when it has had no call in flight
+        for ``_IDLE_CHECKS`` looks in a row, ``_IDLE_EVERY`` apart.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        idle = 0
+        while idle < _IDLE_CHECKS and loop.time() < deadline:
+            await asyncio.sleep(_IDLE_EVERY)
+            idle = idle + 1 if cluster.budget.active == 0 else 0
+        await cluster.close()
+        log.info("cluster retired", extra=fields(cluster=name, cut=cluster.budget.active))
 
     async def wait(self) -> None:
-        """Until the server stops."""
+        """Until the gateway stops serving."""
         if self._server is not None:
-            await self._server.wait_for_termination()
+            await self._server.stopped.wait()
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls; in-flight calls get ``grace`` seconds, then are cancelled.
@@ -233,15 +460,93 @@ class Gateway:
         finally:
             await self._close(server, None if grace is None else grace - delay)
 
-    async def _close(self, server: aio.Server | None, grace: float | None) -> None:
+    async def _close(self, server: _Servers | None, grace: float | None) -> None:
         if self._tls_watch is not None:
             self._tls_watch.cancel()
             self._tls_watch = None
         if server is not None:
             self.health.end_watches()
             await server.stop(grace)
+        for discovery in list(self.discoveries.values()):
+            await discovery.stop()
+        # What earlier reloads replaced: old servers and clusters still draining.
+        retiring = list(self._retiring)
+        if retiring:
+            _, pending = await asyncio.wait(retiring, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*retiring, return_exceptions=True)
         clusters = list(self.clusters.values())
         for cluster in clusters:
             await cluster.close()
         # Flushes the spans still queued; it blocks, so off the event loop.
         await asyncio.to_thread(self.telemetry.shutdown)
+
+
+def _identity(config: Config) -> tuple[tuple[str, ...], bool] | None:
+    """What ``client_identity`` is made of, comparable between two configs."""
+    tls = config.listeners[0].tls
+    return None if tls is None else (tuple(tls.allowed_client_sans), tls.forward_client_cert)
+
+
+def _probe(address: str) -> None:
+    """Refuse a port that another socket holds, as a bind without ``SO_REUSEPORT`` would.
+
+    lbgw's own server binds with ``SO_REUSEPORT`` so that a reload can hand
+    the port over; this plain bind first (``SO_REUSEADDR`` only, so that
+    connections in ``TIME_WAIT`` do not count) fails if any other socket
+    listens there, with or without ``SO_REUSEPORT``. Port 0 needs no probe.
+    """
+    host, port = parse_address(address)
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise StartError(f"cannot listen on {address}: {exc}") from exc
+    for family, kind, proto, _, sockaddr in infos[:1]:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                raise StartError(f"cannot listen on {address}: {exc.strerror}") from exc
+
+
+class _Servers:
+    """The gateway's grpc servers, one per listener, by the listener's configured address."""
+
+    def __init__(self) -> None:
+        self.by_listener: dict[str, tuple[aio.Server, str]] = {}
+        self.stopped = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Servers {', '.join(self.addresses) or '-'}>"
+
+    @property
+    def addresses(self) -> list[str]:
+        """The addresses served, with port 0 resolved, in the listeners' order."""
+        return [address for _, address in self.by_listener.values()]
+
+    def resolved(self, listener: str) -> str:
+        """The address a listener is served on now (its port 0 resolved), or as configured."""
+        found = self.by_listener.get(listener)
+        return listener if found is None else found[1]
+
+    def add(self, listener: str, server: aio.Server, address: str) -> aio.Server | None:
+        """Serve ``listener`` with ``server`` from now on; the server it replaces, if any."""
+        old = self.by_listener.get(listener)
+        self.by_listener[listener] = (server, address)
+        return None if old is None else old[0]
+
+    def remove(self, listener: str) -> tuple[aio.Server, str]:
+        return self.by_listener.pop(listener)
+
+    async def stop(self, grace: float | None) -> None:
+        servers = [server for server, _ in self.by_listener.values()]
+        try:
+            await asyncio.gather(*(server.stop(grace) for server in servers))
+        finally:
+            self.stopped.set()

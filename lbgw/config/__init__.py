@@ -15,10 +15,12 @@ what it is given. See the README for a complete commented example.
 from lbgw.config.env import sticky_from_env, tracing_from_env
 from lbgw.config.fields import is_metadata_key, is_method_name, parse_address
 from lbgw.config.model import (
+    DEFAULT_DNS_REFRESH,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_OTLP_ENDPOINT,
     DEFAULT_STICKY_KEY,
     DEFAULT_TABLE_SIZE,
+    DNS_TYPES,
     HASH_ON,
     HASH_STRATEGIES,
     HEALTH_MODES,
@@ -37,6 +39,7 @@ from lbgw.config.model import (
     ClusterConfig,
     ClusterTlsConfig,
     Config,
+    DnsConfig,
     EndpointConfig,
     HealthCheckConfig,
     Limits,
@@ -52,13 +55,15 @@ from lbgw.config.model import (
     StrategyParams,
     TracingConfig,
 )
-from lbgw.config.reader import config_from_mapping, load_config
+from lbgw.config.reader import config_from_bytes, config_from_mapping, load_config
 
 __all__ = [
+    "DEFAULT_DNS_REFRESH",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_OTLP_ENDPOINT",
     "DEFAULT_STICKY_KEY",
     "DEFAULT_TABLE_SIZE",
+    "DNS_TYPES",
     "HASH_ON",
     "HASH_STRATEGIES",
     "HEALTH_MODES",
@@ -77,6 +82,7 @@ __all__ = [
     "ClusterConfig",
     "ClusterTlsConfig",
     "Config",
+    "DnsConfig",
     "EndpointConfig",
     "HealthCheckConfig",
     "Limits",
@@ -91,6 +97,7 @@ __all__ = [
     "StickyConfig",
     "StrategyParams",
     "TracingConfig",
+    "config_from_bytes",
     "config_from_mapping",
     "is_metadata_key",
     "is_method_name",

@@ -11,7 +11,7 @@ defaults. Layout of the TOML file::
     [log]         level, format
     [clusters.NAME]  endpoints, strategy, params, channel_options, methods, reflection,
                      panic_threshold, and the tables health_check, outlier_detection,
-                     slow_start, retries, sticky
+                     slow_start, retries, sticky, dns (instead of endpoints)
     [[routes]]    one of method / service / package / default, cluster, retry_on
     [tracing]     service_name, exporter, endpoint, ... (see TracingConfig)
 """
@@ -19,6 +19,7 @@ defaults. Layout of the TOML file::
 from __future__ import annotations
 
 import enum
+import ipaddress
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Final
@@ -356,11 +357,74 @@ def _method_name(name: str) -> None:
         raise Invalid("a full method name /package.Service/Method")
 
 
+#: DNS discovery: "a" resolves A and AAAA records (every address an endpoint of
+#: weight 1, as Envoy's STRICT_DNS); "srv" takes the targets, ports and weights
+#: of SRV records.
+DNS_TYPES: Final = ("a", "srv")
+#: Envoy's dns_refresh_rate default.
+DEFAULT_DNS_REFRESH: Final = 5.0
+
+
+def _dns_name(name: str) -> None:
+    labels = name.rstrip(".").split(".")
+    if (
+        not name
+        or len(name) > 253
+        or not all(
+            0 < len(label) <= 63 and all(c.isascii() and (c.isalnum() or c in "-_") for c in label)
+            for label in labels
+        )
+    ):
+        raise Invalid("a DNS name such as backends.prod.svc.cluster.local", name)
+
+
+def _nameserver(text: str) -> None:
+    try:
+        host, port = parse_address(text)
+        ipaddress.ip_address(host.strip("[]"))
+        if port == 0:
+            raise ValueError(text)
+    except ValueError:
+        expected = "an IP address and port, such as 10.0.0.10:53 or [fd00::a]:53"
+        raise Invalid(expected, text) from None
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    """``[clusters.NAME.dns]``: the endpoints are what a DNS name resolves to, re-resolved.
+
+    Envoy's ``STRICT_DNS`` in spirit: every ``refresh_interval`` seconds (or
+    at the records' TTL, with ``respect_ttl``) the name is resolved again and
+    the cluster follows the answer. A failed or empty answer keeps the last
+    good set. ``nameservers`` unset: the system's (``/etc/resolv.conf``).
+    """
+
+    name: str = field(metadata=spec(check=_dns_name, expected="a DNS name"))
+    #: The endpoints' port, for type "a" (then required); SRV records carry their own.
+    port: int = field(default=0, metadata=spec(low=0, high=65535))
+    #: "a" (A and AAAA records, weight 1 each) or "srv" (SRV: targets, ports, weights).
+    type: str = field(default="a", metadata=spec(choices=DNS_TYPES))
+    refresh_interval: float = field(
+        default=DEFAULT_DNS_REFRESH, metadata=spec(positive=True, high=_MAX_HEALTH_SECONDS)
+    )
+    #: Re-resolve when the shortest TTL of the answer runs out (at least 1 s, at most
+    #: refresh_interval), rather than every refresh_interval.
+    respect_ttl: bool = False
+    #: "IP:PORT" each; empty: the nameservers of /etc/resolv.conf.
+    nameservers: tuple[str, ...] = field(
+        default=(), metadata=spec(check=_nameserver, expected="an array of IP:PORT strings")
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterConfig:
     name: str = field(metadata=spec(check=_cluster_name))
+    #: Required, unless the cluster has a [clusters.NAME.dns] table instead.
     endpoints: tuple[EndpointConfig, ...] = field(
-        metadata=spec(nonempty=True, shorthand="address", expected="a non-empty array of endpoints")
+        default=(),
+        metadata=spec(
+            nonempty=True, shorthand="address", expected="a non-empty array of endpoints"
+        ),
     )
     strategy: str = field(default="swrr", metadata=spec(choices=STRATEGIES))
     params: StrategyParams = field(
@@ -387,6 +451,9 @@ class ClusterConfig:
     panic_threshold: float = field(default=0.0, metadata=spec(high=100))
     #: TLS to the endpoints (issue 14); None: plaintext.
     tls: ClusterTlsConfig | None = None
+    #: DNS discovery instead of a fixed list of endpoints: a table [clusters.NAME.dns],
+    #: or an array [[clusters.NAME.dns]] of names whose answers are merged.
+    dns: tuple[DnsConfig, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ from lbgw.config.model import Config
 from lbgw.config.rules import CHECKS, READERS
 from lbgw.exceptions import ConfigError
 
-__all__ = ["Reader", "config_from_mapping", "load_config"]
+__all__ = ["Reader", "config_from_bytes", "config_from_mapping", "load_config"]
 
 T = TypeVar("T")
 
@@ -63,6 +63,17 @@ def load_config(path: str | Path) -> Config:
     except UnicodeDecodeError as exc:
         raise ConfigError(source, "(file)", f"UTF-8 text, as TOML requires ({exc})") from exc
     return config_from_mapping(data, source)
+
+
+def config_from_bytes(data: bytes, source: str) -> Config:
+    """Validate a TOML file's bytes, read before (a reload's snapshot); errors name ``source``."""
+    try:
+        parsed = tomllib.loads(data.decode("utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "(file)", f"valid TOML ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, "(file)", f"UTF-8 text, as TOML requires ({exc})") from exc
+    return config_from_mapping(parsed, source)
 
 
 def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:

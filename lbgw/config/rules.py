@@ -22,6 +22,7 @@ from lbgw.config.model import (
     ClusterConfig,
     ClusterTlsConfig,
     Config,
+    DnsConfig,
     ListenerTlsConfig,
     RouteConfig,
     TracingConfig,
@@ -42,6 +43,7 @@ _ROUTE_KEYS: Final = (
 
 def check_cluster(cluster: ClusterConfig, table: Mapping[str, Any]) -> None:
     """Endpoints once each; slow start only for weights; what hashing needs of params."""
+    check_discovery(cluster, table)
     n = len(cluster.endpoints)
     if n > MAX_BACKENDS:
         raise Invalid(f"at most {MAX_BACKENDS} endpoints", at="endpoints")
@@ -82,6 +84,41 @@ def check_cluster(cluster: ClusterConfig, table: Mapping[str, Any]) -> None:
             params.table_size,
             at="params.table_size",
         )
+
+
+def check_discovery(cluster: ClusterConfig, table: Mapping[str, Any]) -> None:
+    """Either a list of endpoints or a ``dns`` table; a port for A records, none for SRV."""
+    if not cluster.dns:
+        if not cluster.endpoints:
+            raise Invalid(
+                "a non-empty array of endpoints, or a table [clusters.NAME.dns]", at="endpoints"
+            )
+        return
+    if "endpoints" in table:
+        raise Invalid("either endpoints or a dns table, not both", at="endpoints")
+    raw = table.get("dns")
+    tables = raw if isinstance(raw, list) else [raw or {}]
+    for n, dns in enumerate(cluster.dns):
+        at = "dns" if not isinstance(raw, list) else f"dns[{n}]"
+        if dns.type == "a" and dns.port == 0:
+            raise Invalid('a port from 1 to 65535 (type = "a")', at=f"{at}.port")
+        if dns.type == "srv" and "port" in tables[n]:
+            raise Invalid(
+                'no port with type = "srv": the SRV records give the ports', at=f"{at}.port"
+            )
+
+
+def read_dns(
+    reader: Reader, value: object, key: str, siblings: Mapping[str, Any]
+) -> tuple[DnsConfig, ...]:
+    """``[clusters.NAME.dns]`` (one name) or ``[[clusters.NAME.dns]]`` (several, merged)."""
+    if value is None:
+        return ()
+    if isinstance(value, list):
+        if not value:
+            raise Invalid("a table, or a non-empty array of tables", value)
+        return tuple(reader.section(DnsConfig, v, f"{key}[{n}]") for n, v in enumerate(value))
+    return (reader.section(DnsConfig, value, key),)
 
 
 def check_tracing(tracing: TracingConfig, table: Mapping[str, Any]) -> None:
@@ -212,4 +249,5 @@ CHECKS: Final[Mapping[type, tuple[Callable[[Any, Mapping[str, Any]], None], ...]
 #: Fields read by hand: (section class, field) -> read(reader, value or None, key, siblings).
 READERS: Final[Mapping[tuple[type, str], Callable[..., Any]]] = {
     (Config, "routes"): read_routes,
+    (ClusterConfig, "dns"): read_dns,
 }

@@ -330,3 +330,44 @@ async def test_each_certificate_is_logged_at_start(
     assert logged[0]["serial"] == f"{cert.serial_number:x}"
     assert logged[0]["not_after"] == cert.not_valid_after_utc.isoformat()
     assert expiry == {("listener", "127.0.0.1:0"): cert.not_valid_after_utc.timestamp()}
+
+
+# -- hot reload (issue 16) ---------------------------------------------------------------------
+
+
+async def test_a_reload_turns_tls_on_for_the_listener_and_the_backends(
+    pki: Pki, server_pair: Pair, client_pair: Pair, tls_backend: tuple[EchoBackend, str]
+) -> None:
+    """Plaintext on both sides, then a reload to mTLS on both: the port stays, TLS is in force."""
+    _, tls_address = tls_backend
+    async with echo_backends(EchoBackend("plain")) as plain:
+        before = gateway_config(plain, health_check={"mode": "none"})
+        async with Gateway(before, tls_poll_interval=0.1) as gw:
+            address = gw.addresses[0]
+            assert (await unary(address, None)).backend == "plain"
+            after = gateway_config(
+                [tls_address],
+                listener_tls(pki, server_pair),
+                backend_tls(pki, client_pair),
+                health_check={"mode": "none"},
+            )
+            change = await gw.reload(after)
+            assert [c.name for c in change.rebuilt] == ["echo"] and change.listeners
+            assert gw.addresses == [address]  # the same port, served anew
+            creds = client_credentials(pki.ca_file, client_pair)
+            assert (await unary(address, creds)).backend == "tls-backend"
+            error = await refused(address, None)  # plaintext is no longer spoken
+            assert error.code() is grpc.StatusCode.UNAVAILABLE
+            assert gw.cluster_tls["echo"].credentials is not None
+            # And back: a bad file in a reload is refused, naming it; TLS stays.
+            broken = gateway_config(
+                [tls_address],
+                listener_tls(pki, Pair(server_pair.cert, pki.ca_file)),
+                backend_tls(pki, client_pair),
+                health_check={"mode": "none"},
+            )
+            with pytest.raises(ConfigError) as caught:
+                await gw.reload(broken)
+            assert "listeners[0].tls.key_file" in str(caught.value)
+            assert str(pki.ca_file) in str(caught.value)
+            assert (await unary(address, creds)).backend == "tls-backend"

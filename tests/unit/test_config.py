@@ -301,8 +301,9 @@ BAD: list[tuple[str, str, str, str]] = [
         "unknown cluster key",
         LISTENER + '[clusters.api]\nendpoint = ["h:1"]\n',
         "clusters.api.endpoint",
-        "one of the keys channel_options, endpoints, health_check, methods, outlier_detection, "
-        "panic_threshold, params, reflection, retries, slow_start, sticky, strategy",
+        "one of the keys channel_options, dns, endpoints, health_check, methods, "
+        "outlier_detection, panic_threshold, params, reflection, retries, slow_start, sticky, "
+        "strategy",
     ),
     (
         "bad cluster name",
