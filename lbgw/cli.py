@@ -135,8 +135,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--reflection",
-        action="store_true",
-        help="learn method kinds from the backends' server reflection (quick form)",
+        action=argparse.BooleanOptionalAction,
+        help="learn method kinds from the backends' server reflection (on by default; quick form)",
+    )
+    serve.add_argument(
+        "--protoset",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="method kinds from a file written by protoc --include_imports "
+        "--descriptor_set_out (quick form; repeatable)",
     )
     serve.add_argument(
         "--hash-key",
@@ -182,7 +190,8 @@ def _serve_config(args: argparse.Namespace) -> Config:  # noqa: PLR0912, PLR0915
         or args.backend
         or args.strategy
         or args.method
-        or args.reflection
+        or args.reflection is not None
+        or args.protoset
         or args.health_check
         or args.health_interval is not None
         or args.hash_key
@@ -208,7 +217,8 @@ def _serve_config(args: argparse.Namespace) -> Config:  # noqa: PLR0912, PLR0915
             "endpoints": args.backend,
             "strategy": args.strategy or "swrr",
             "methods": dict(args.method),
-            "reflection": args.reflection,
+            "reflection": args.reflection is not False,
+            "descriptor_sets": args.protoset,
         }
         hashing = cluster["strategy"] in HASH_STRATEGIES
         if hashing and not args.hash_key:

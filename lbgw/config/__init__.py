@@ -17,8 +17,10 @@ from lbgw.config.fields import is_metadata_key, is_method_name, parse_address
 from lbgw.config.model import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_OTLP_ENDPOINT,
+    DEFAULT_RETRY_BUFFER_BYTES,
     DEFAULT_STICKY_KEY,
     DEFAULT_TABLE_SIZE,
+    EVENT_LOOPS,
     HASH_ON,
     HASH_STRATEGIES,
     HEALTH_MODES,
@@ -55,8 +57,10 @@ from lbgw.config.reader import config_from_mapping, load_config
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_OTLP_ENDPOINT",
+    "DEFAULT_RETRY_BUFFER_BYTES",
     "DEFAULT_STICKY_KEY",
     "DEFAULT_TABLE_SIZE",
+    "EVENT_LOOPS",
     "HASH_ON",
     "HASH_STRATEGIES",
     "HEALTH_MODES",

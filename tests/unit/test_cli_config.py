@@ -355,6 +355,11 @@ def test_quick_form_defaults_and_listen() -> None:
     )
     assert config.listeners == (ListenerConfig("0.0.0.0:0"), ListenerConfig("[::1]:50051"))
     assert config.clusters[0].strategy == "swrr"
+    assert config.clusters[0].reflection is True  # best effort, on by default
+
+
+def test_quick_form_no_reflection_turns_it_off() -> None:
+    config = serve_config(["--backend", "127.0.0.1:1", "--no-reflection"])
     assert config.clusters[0].reflection is False
 
 
