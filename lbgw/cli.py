@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Final
 
+from lbgw import loops
 from lbgw.config import (
     HASH_STRATEGIES,
     HEALTH_MODES,
@@ -301,6 +302,7 @@ async def _run_gateway(config: Config, *, reuse_port: bool) -> int:
         loop.add_signal_handler(sig, stop.set)
     if _early_stop:
         stop.set()
+    log.info("event loop", extra=fields(loop=loops.loop_name(loop), chosen=config.event_loop))
     gateway = Gateway(config, reuse_port=reuse_port)
     stopper = asyncio.ensure_future(stop.wait())
     starting = asyncio.ensure_future(gateway.start())
@@ -411,10 +413,10 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
         _die_with(int(os.environ[_WORKER_PARENT_ENV]))
         listeners = os.environ[_WORKER_LISTENERS_ENV].split(",")
         config = replace(config, listeners=tuple(ListenerConfig(a) for a in listeners))
-        return asyncio.run(_run_gateway(config, reuse_port=True))
+        return loops.run(_run_gateway(config, reuse_port=True), config.event_loop)
     if config.workers > 1:
         return _supervise(config, argv)
-    return asyncio.run(_run_gateway(config, reuse_port=False))
+    return loops.run(_run_gateway(config, reuse_port=False), config.event_loop)
 
 
 def _check_config(args: argparse.Namespace) -> int:
