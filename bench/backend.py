@@ -9,7 +9,10 @@ own and serves until SIGTERM or SIGINT:
   ``--stream-count`` messages of ``--stream-size`` bytes.
 
 One generic handler with no (de)serializers: the bytes are never parsed, so
-the backend spends as little CPU per call as grpc.aio can. It stands behind
+the backend spends as little CPU per call as grpc.aio can. With
+``--reflection`` it also serves grpc.reflection (v1alpha, which lbgw asks
+after v1) describing the echo service, as a backend a newcomer puts behind
+``lbgw serve --backend`` would, so lbgw's quick form learns the kinds. It stands behind
 every configuration of ``bench/proxy.py`` in its own process, so its CPU is
 not mixed with the proxy's or the load generator's.
 """
@@ -64,9 +67,16 @@ class _Echo(grpc.GenericRpcHandler):
         return None
 
 
-async def _serve(stream_count: int, stream_size: int) -> None:
+async def _serve(stream_count: int, stream_size: int, *, reflection: bool = False) -> None:
     server = aio.server()
     server.add_generic_rpc_handlers((_Echo(stream_count, stream_size),))
+    if reflection:
+        from grpc_reflection.v1alpha import reflection as grpc_reflection  # noqa: PLC0415
+
+        from lbgw.pb import echo_pb2  # noqa: PLC0415 - puts the echo service in the pool
+
+        names = (echo_pb2.DESCRIPTOR.services_by_name["Echo"].full_name,)
+        grpc_reflection.enable_server_reflection((*names, grpc_reflection.SERVICE_NAME), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     print(port, flush=True)
@@ -82,8 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/backend.py", description=__doc__.splitlines()[0])
     p.add_argument("--stream-count", type=int, default=DEFAULT_STREAM_COUNT)
     p.add_argument("--stream-size", type=int, default=DEFAULT_STREAM_SIZE, metavar="BYTES")
+    p.add_argument("--reflection", action="store_true", help="serve grpc.reflection too")
     args = p.parse_args(argv)
-    asyncio.run(_serve(args.stream_count, args.stream_size))
+    asyncio.run(_serve(args.stream_count, args.stream_size, reflection=args.reflection))
     return 0
 
 

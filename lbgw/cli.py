@@ -37,6 +37,7 @@ from typing import Any, Final
 
 from lbgw import loops
 from lbgw.config import (
+    EVENT_LOOPS,
     HASH_STRATEGIES,
     HEALTH_MODES,
     STICKY_SECRET_ENV,
@@ -166,6 +167,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--workers", type=int, metavar="N", help="worker processes (default 1)")
     serve.add_argument("--grace", type=float, metavar="SECONDS", help="drain time on SIGTERM")
+    serve.add_argument(
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        help="auto (uvloop when installed, the default), asyncio or uvloop",
+    )
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     serve.add_argument("--log-format", choices=("json", "text"))
 
@@ -272,6 +278,8 @@ def _serve_config(args: argparse.Namespace) -> Config:  # noqa: PLR0912, PLR0915
         if not (args.grace >= 0 and math.isfinite(args.grace)):
             raise ConfigError("command line", "--grace", "a number of seconds >= 0", args.grace)
         changes["grace_period"] = args.grace
+    if args.event_loop is not None:
+        changes["event_loop"] = args.event_loop
     log_config = config.log
     if args.log_level:
         log_config = replace(log_config, level=args.log_level)

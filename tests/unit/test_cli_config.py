@@ -464,3 +464,9 @@ def test_quick_form_hashing_errors_name_the_flag(
     code, _, err = run(["serve", "--backend", "127.0.0.1:1", *argv], capsys)
     assert code == 2
     assert err.startswith(f"lbgw: config error: command line: --hash-key: expected {expected}")
+
+
+def test_event_loop_flag_overrides_either_form() -> None:
+    assert serve_config(["--backend", "127.0.0.1:1"]).event_loop == "auto"
+    config = serve_config(["--backend", "127.0.0.1:1", "--event-loop", "asyncio"])
+    assert config.event_loop == "asyncio"
