@@ -9,7 +9,10 @@ own and serves until SIGTERM or SIGINT:
   ``--stream-count`` messages of ``--stream-size`` bytes.
 
 One generic handler with no (de)serializers: the bytes are never parsed, so
-the backend spends as little CPU per call as grpc.aio can. It stands behind
+the backend spends as little CPU per call as grpc.aio can. With
+``--reflection`` it also serves grpc.reflection (v1alpha, which lbgw asks
+after v1) describing the echo service, as a backend a newcomer puts behind
+``lbgw serve --backend`` would, so lbgw's quick form learns the kinds. It stands behind
 every configuration of ``bench/proxy.py`` in its own process, so its CPU is
 not mixed with the proxy's or the load generator's.
 """
@@ -64,9 +67,18 @@ class _Echo(grpc.GenericRpcHandler):
         return None
 
 
-async def _serve(stream_count: int, stream_size: int, cert: str = "", key: str = "") -> None:
+async def _serve(
+    stream_count: int, stream_size: int, cert: str = "", key: str = "", *, reflection: bool = False
+) -> None:
     server = aio.server()
     server.add_generic_rpc_handlers((_Echo(stream_count, stream_size),))
+    if reflection:
+        from grpc_reflection.v1alpha import reflection as grpc_reflection  # noqa: PLC0415
+
+        from lbgw.pb import echo_pb2  # noqa: PLC0415 - puts the echo service in the pool
+
+        names = (echo_pb2.DESCRIPTOR.services_by_name["Echo"].full_name,)
+        grpc_reflection.enable_server_reflection((*names, grpc_reflection.SERVICE_NAME), server)
     if cert:  # TLS (bench/proxy.py's TLS rows): this certificate, no client certificate asked
         with open(cert, "rb") as c, open(key, "rb") as k:
             credentials = grpc.ssl_server_credentials([(k.read(), c.read())])
@@ -89,8 +101,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--stream-size", type=int, default=DEFAULT_STREAM_SIZE, metavar="BYTES")
     p.add_argument("--tls-cert", default="", metavar="FILE", help="serve TLS with this chain")
     p.add_argument("--tls-key", default="", metavar="FILE", help="the key of --tls-cert")
+    p.add_argument("--reflection", action="store_true", help="serve grpc.reflection too")
     args = p.parse_args(argv)
-    asyncio.run(_serve(args.stream_count, args.stream_size, args.tls_cert, args.tls_key))
+    asyncio.run(
+        _serve(
+            args.stream_count,
+            args.stream_size,
+            args.tls_cert,
+            args.tls_key,
+            reflection=args.reflection,
+        )
+    )
     return 0
 
 

@@ -1,17 +1,27 @@
-"""Proxy benchmark: lbgw against its floor, against nginx and against no proxy at all.
+"""Proxy benchmark: lbgw against its floor, against nginx, haproxy and no proxy at all.
 
 Run ``python bench/proxy.py`` (``--help`` lists the knobs; ``--quick``, one
-run of 1 s per configuration, is a smoke test of some 20 s). It starts a fast
-echo backend (``bench/backend.py``) and, in front of it, every proxy it finds:
+run of 1 s per configuration, is a smoke test). It starts a fast echo backend
+(``bench/backend.py``, serving server reflection too, as a newcomer's backend
+would) and, in front of it, every proxy it finds:
 
 * ``direct``: no proxy, the load goes straight to the backend;
 * ``floor``: ``bench/passthrough.py``, the least a grpc.aio proxy can do
-  (unary only);
+  (``unary_unary``, and ``unary_stream`` for the stream), on asyncio's own
+  loop: the ratios are taken against it;
+* ``floor-uvloop``: the same on uvloop;
 * ``lbgw``: ``lbgw serve`` with one worker, strategy ``swrr``, both echo
-  methods in its method-kind table;
-* ``lbgw-w2``: the same with ``--workers 2``;
-* ``lbgw-stream``: one worker without the method-kind table, so every call
-  takes lbgw's ``stream_stream`` fallback: what the unary fast path saves;
+  methods in its method-kind table (``--method``), on asyncio's loop
+  (``--event-loop asyncio``);
+* ``lbgw-uvloop``: the same on uvloop;
+* ``lbgw-noflags``: the quick form with no flags but ``--backend``: the
+  kinds come from the backend's reflection, the loop is the default (uvloop
+  when installed). What a newcomer's first ``lbgw serve`` costs;
+* ``lbgw-noflags-asyncio``: the same on asyncio's loop;
+* ``lbgw-w2``: ``lbgw`` with ``--workers 2``;
+* ``lbgw-stream``: ``--no-reflection`` and no method-kind table, so every
+  call takes lbgw's ``stream_stream`` fallback (and the retry buffer), on the
+  default loop: what the unary fast path saves;
 * ``lbgw-trace-1pct`` and ``lbgw-trace-all``: ``lbgw`` with tracing on,
   sampling 1% (``parentbased_traceidratio``) or every call
   (``parentbased_always_on``) and exporting over OTLP/gRPC to
@@ -31,6 +41,8 @@ echo backend (``bench/backend.py``) and, in front of it, every proxy it finds:
   ``grpc_pass grpcs://`` with ``grpc_ssl_verify on``). No client
   certificates: h2load cannot present one. Compare them with ``lbgw`` and
   ``nginx``: what TLS costs each per call.
+* ``haproxy``: ``mode http`` with ``proto h2`` on both sides, one thread,
+  when ``haproxy`` is on PATH (Debian's ``haproxy``): the cheapest peer.
 
 Each gets unary calls (calls/s, p50 and p99 latency, the proxy's CPU per
 call) and server streams (messages/s, the proxy's CPU per message). CPU is
@@ -83,7 +95,11 @@ HERE = Path(__file__).resolve().parent
 CONFIGS = (
     "direct",
     "floor",
+    "floor-uvloop",
     "lbgw",
+    "lbgw-uvloop",
+    "lbgw-noflags",
+    "lbgw-noflags-asyncio",
     "lbgw-w2",
     "lbgw-stream",
     "lbgw-trace-1pct",
@@ -91,18 +107,49 @@ CONFIGS = (
     "nginx",
     "lbgw-tls",
     "nginx-tls",
+    "haproxy",
 )
 LABELS = {
     "direct": "direct (no proxy)",
     "floor": "floor (passthrough.py)",
-    "lbgw": "lbgw",
+    "floor-uvloop": "floor on uvloop",
+    "lbgw": "lbgw --method, asyncio",
+    "lbgw-uvloop": "lbgw --method, uvloop",
+    "lbgw-noflags": "lbgw, no flags (reflection)",
+    "lbgw-noflags-asyncio": "lbgw, no flags, asyncio",
     "lbgw-w2": "lbgw --workers 2",
-    "lbgw-stream": "lbgw, kinds unknown",
+    "lbgw-stream": "lbgw --no-reflection",
     "lbgw-trace-1pct": "lbgw, traced 1% (OTLP)",
     "lbgw-trace-all": "lbgw, traced 100% (OTLP)",
     "nginx": "nginx grpc_pass",
     "lbgw-tls": "lbgw, TLS both sides",
     "nginx-tls": "nginx ssl + grpcs://",
+    "haproxy": "haproxy h2",
+}
+#: What ``--quick`` (CI's smoke run) starts unless ``--configs`` says: one row of
+#: each kind of program and lbgw mode, so that the smoke run stays short.
+QUICK_CONFIGS = (
+    "floor",
+    "floor-uvloop",
+    "lbgw",
+    "lbgw-noflags",
+    "lbgw-w2",
+    "lbgw-stream",
+    "lbgw-trace-1pct",
+    "nginx",
+    "haproxy",
+)
+#: The lbgw configurations that give the method kinds on the command line.
+WITH_KINDS = ("lbgw", "lbgw-uvloop", "lbgw-w2", "lbgw-trace-1pct", "lbgw-trace-all")
+#: The event loop of each lbgw configuration (--event-loop); absent: lbgw's default.
+EVENT_LOOP = {
+    "lbgw": "asyncio",
+    "lbgw-uvloop": "uvloop",
+    "lbgw-noflags-asyncio": "asyncio",
+    "lbgw-w2": "asyncio",
+    "lbgw-trace-1pct": "asyncio",
+    "lbgw-trace-all": "asyncio",
+    "lbgw-tls": "asyncio",
 }
 #: The configurations with TLS on both sides, and the plaintext row each is compared with.
 TLS_CONFIGS = ("lbgw-tls", "nginx-tls")
@@ -213,13 +260,16 @@ def _start_backend(workdir: Path, args: argparse.Namespace) -> tuple[Proc, str]:
         str(HERE / "backend.py"),
         f"--stream-count={args.stream_count}",
         f"--stream-size={args.stream_size}",
+        "--reflection",
     ]
     proc = Proc("backend", argv, workdir)
     return proc, f"127.0.0.1:{int(proc.first_line(START_TIMEOUT))}"
 
 
-def _start_floor(workdir: Path, backend: str) -> Proc:
-    return Proc("floor", [*_python(), str(HERE / "passthrough.py"), backend], workdir)
+def _start_floor(workdir: Path, backend: str, config: str) -> Proc:
+    env = {"LBGW_BENCH_UVLOOP": "1"} if config == "floor-uvloop" else {}
+    argv = [*_env_prefix(env), *_python(), str(HERE / "passthrough.py"), backend]
+    return Proc(config, argv, workdir)
 
 
 def _lbgw_binary(given: str | None) -> str | None:
@@ -249,13 +299,23 @@ def _lbgw_argv(  # noqa: PLR0913 - the lbgw command line's flags, one argument e
     *,
     kinds: bool = True,
     env: Mapping[str, str] | None = None,
+    flags: bool = True,
+    loop: str | None = None,
+    reflection: bool = True,
 ) -> list[str]:
+    """``lbgw serve``; ``flags`` False: the quick form with ``--backend`` and the port alone."""
     argv = [*_env_prefix(env or {}), binary, "serve", "--listen", f"127.0.0.1:{port}"]
     argv += ["--backend", backend]
+    if not flags:
+        return argv
     argv += ["--strategy", "swrr", "--log-level", "warning"]
     # The method-kind table gives lbgw its unary fast path (MethodKind values in lbgw.config).
     if kinds and "--method" in help_text:
         argv += ["--method", f"{UNARY}=unary", "--method", f"{SERVER_STREAM}=server_streaming"]
+    if not reflection and "--no-reflection" in help_text:
+        argv += ["--no-reflection"]
+    if loop is not None and "--event-loop" in help_text:
+        argv += ["--event-loop", loop]
     if workers > 1:
         argv += ["--workers", str(workers)]
     return argv
@@ -447,6 +507,32 @@ def _start_nginx_tls(workdir: Path, binary: str, tls: _Tls, inflight: int) -> tu
     return Proc("nginx-tls", [*argv, "-g", "daemon off;"], workdir), port
 
 
+#: haproxy as a gRPC proxy: HTTP/2 on both sides (``proto h2``), one thread.
+_HAPROXY_CONF = """\
+global
+    nbthread 1
+    maxconn 2048
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 600s
+    timeout server 600s
+frontend grpc
+    bind 127.0.0.1:{port} proto h2
+    default_backend echo
+backend echo
+    server echo {backend} proto h2
+"""
+
+
+def _start_haproxy(workdir: Path, binary: str, backend: str) -> tuple[Proc, int]:
+    """haproxy in the foreground (``-db``), HTTP/2 end to end, as its gRPC docs configure it."""
+    port = free_port()
+    conf = workdir / "haproxy.cfg"
+    conf.write_text(_HAPROXY_CONF.format(port=port, backend=backend))
+    return Proc("haproxy", [binary, "-db", "-f", str(conf)], workdir), port
+
+
 def _probe(target: Target, args: argparse.Namespace, workdir: Path) -> str:
     """Empty when the target answers a unary call (and a full stream); else why not.
 
@@ -541,11 +627,46 @@ _COLUMNS = (
 #: The summary: key, what, (config, figure) over (config, figure), the target.
 _RATIOS = (
     (
+        "lbgw_noflags_cpu_per_call_vs_floor",
+        "lbgw, no flags: CPU per unary call / the floor's",
+        ("lbgw-noflags", "cpu_us_per_call"),
+        ("floor", "cpu_us_per_call"),
+        "target <= 0.85x",
+    ),
+    (
+        "lbgw_noflags_p50_vs_floor",
+        "lbgw, no flags: p50 / the floor's (the target is at --concurrency 1 --connections 1)",
+        ("lbgw-noflags", "p50_ms"),
+        ("floor", "p50_ms"),
+        "target <= 1.00x",
+    ),
+    (
+        "lbgw_noflags_cpu_per_msg_vs_floor",
+        "lbgw, no flags: CPU per streamed message / the floor's",
+        ("lbgw-noflags", "cpu_us_per_msg"),
+        ("floor", "cpu_us_per_msg"),
+        "target <= 0.9x",
+    ),
+    (
         "lbgw_cpu_per_call_vs_floor",
-        "lbgw CPU per unary call / the floor's",
+        "lbgw --method (asyncio) CPU per unary call / the floor's",
         ("lbgw", "cpu_us_per_call"),
         ("floor", "cpu_us_per_call"),
         "target <= 1.25x",
+    ),
+    (
+        "lbgw_uvloop_cpu_per_call_vs_floor",
+        "lbgw --method on uvloop: CPU per unary call / the floor's",
+        ("lbgw-uvloop", "cpu_us_per_call"),
+        ("floor", "cpu_us_per_call"),
+        "for reading",
+    ),
+    (
+        "floor_uvloop_cpu_per_call_vs_floor",
+        "the floor on uvloop: CPU per unary call / on asyncio",
+        ("floor-uvloop", "cpu_us_per_call"),
+        ("floor", "cpu_us_per_call"),
+        "for reading",
     ),
     (
         "lbgw_w2_calls_per_s_vs_lbgw",
@@ -555,10 +676,10 @@ _RATIOS = (
         "target >= 1.5x",
     ),
     (
-        "lbgw_stream_cpu_per_call_vs_lbgw",
-        "lbgw CPU per unary call, kinds unknown / known",
+        "lbgw_stream_cpu_per_call_vs_floor",
+        "lbgw --no-reflection (kinds unknown): CPU per unary call / the floor's",
         ("lbgw-stream", "cpu_us_per_call"),
-        ("lbgw", "cpu_us_per_call"),
+        ("floor", "cpu_us_per_call"),
         "for reading: what the fast path saves",
     ),
     (
@@ -615,6 +736,13 @@ _RATIOS = (
         "floor CPU per unary call / nginx's",
         ("floor", "cpu_us_per_call"),
         ("nginx", "cpu_us_per_call"),
+        "for reading",
+    ),
+    (
+        "lbgw_noflags_cpu_per_call_vs_haproxy",
+        "lbgw, no flags: CPU per unary call / haproxy's",
+        ("lbgw-noflags", "cpu_us_per_call"),
+        ("haproxy", "cpu_us_per_call"),
         "for reading",
     ),
 )
@@ -745,11 +873,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--configs",
         type=_configs,
-        default=list(CONFIGS),
-        help=f"comma list of configurations (default all found: {','.join(CONFIGS)})",
+        default=None,
+        help=f"comma list of configurations (default all found: {','.join(CONFIGS)}; "
+        f"with --quick: {','.join(QUICK_CONFIGS)})",
     )
     p.add_argument("--lbgw", default=None, metavar="PATH", help="the lbgw executable")
     p.add_argument("--nginx", default=None, metavar="PATH", help="the nginx executable")
+    p.add_argument("--haproxy", default=None, metavar="PATH", help="the haproxy executable")
     p.add_argument(
         "--backend",
         choices=("python", "nginx"),
@@ -784,15 +914,15 @@ def _start_targets(  # noqa: PLR0912, PLR0913, PLR0915 - one block per configura
     for config in args.configs:
         if config == "direct":
             targets.append(Target(config, backend, None))
-        elif config == "floor":
-            proc = _start_floor(workdir, backend)
+        elif config.startswith("floor"):
+            proc = _start_floor(workdir, backend, config)
             procs.append(proc)
             try:
                 port = int(proc.first_line(START_TIMEOUT))
             except (RuntimeError, ValueError) as exc:
                 skipped.append(_Row(config, note=f"did not start: {exc}", failed=True))
                 continue
-            targets.append(Target(config, f"127.0.0.1:{port}", proc, streams=False))
+            targets.append(Target(config, f"127.0.0.1:{port}", proc))
         elif config in TLS_CONFIGS and tls is None:
             skipped.append(_Row(config, note="the TLS backend did not start", failed=True))
         elif config == "lbgw-tls" and tls is not None:
@@ -802,7 +932,7 @@ def _start_targets(  # noqa: PLR0912, PLR0913, PLR0915 - one block per configura
                 skipped.append(_Row(config, note="this lbgw has no --tls-cert: not measured"))
                 continue
             port = free_port()
-            argv = _lbgw_argv(binary, help_text, port, tls.backend, 1)
+            argv = _lbgw_argv(binary, help_text, port, tls.backend, 1, loop=EVENT_LOOP[config])
             argv += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
             argv += ["--backend-ca", str(tls.ca), "--backend-server-name", tls.server_name]
             procs.append(Proc(config, argv, workdir))
@@ -838,8 +968,18 @@ def _start_targets(  # noqa: PLR0912, PLR0913, PLR0915 - one block per configura
                 env = _tracing_env(config, sink_address)
             port = free_port()
             workers = 2 if config == "lbgw-w2" else 1
-            kinds = config != "lbgw-stream"
-            argv = _lbgw_argv(binary, help_text, port, backend, workers, kinds=kinds, env=env)
+            argv = _lbgw_argv(
+                binary,
+                help_text,
+                port,
+                backend,
+                workers,
+                kinds=config in WITH_KINDS,
+                env=env,
+                flags=config != "lbgw-noflags",
+                loop=EVENT_LOOP.get(config),
+                reflection=config != "lbgw-stream",
+            )
             procs.append(Proc(config, argv, workdir))
             streams = config not in TRACED
             targets.append(Target(config, f"127.0.0.1:{port}", procs[-1], streams=streams))
@@ -850,6 +990,15 @@ def _start_targets(  # noqa: PLR0912, PLR0913, PLR0915 - one block per configura
                 continue
             inflight = max(args.concurrency, args.stream_concurrency)
             proc, port = _start_nginx(workdir, binary, backend, inflight)
+            procs.append(proc)
+            targets.append(Target(config, f"127.0.0.1:{port}", proc))
+        elif config == "haproxy":
+            binary = args.haproxy or shutil.which("haproxy")
+            if binary is None:
+                note = "haproxy is not on PATH (apt-get install haproxy): not measured"
+                skipped.append(_Row(config, note=note))
+                continue
+            proc, port = _start_haproxy(workdir, binary, backend)
             procs.append(proc)
             targets.append(Target(config, f"127.0.0.1:{port}", proc))
     ready: list[Target] = []
@@ -928,6 +1077,8 @@ def _machine(args: argparse.Namespace, h2load: str | None) -> dict[str, object]:
         "lbgw": _dist_version("lbgw"),
         "h2load": _version([h2load, "--version"]) if h2load else "not used",
         "nginx": _version([args.nginx or shutil.which("nginx") or "nginx", "-v"]),
+        "haproxy": _version([args.haproxy or shutil.which("haproxy") or "haproxy", "-v"]),
+        "uvloop": _dist_version("uvloop"),
     }
 
 
@@ -980,7 +1131,7 @@ def _report(args: argparse.Namespace, machine: dict[str, object], rows: Sequence
 def _write_json(
     path: Path, args: argparse.Namespace, machine: dict[str, object], rows: Sequence[_Row]
 ) -> None:
-    skip = ("json", "lbgw", "nginx", "quick")
+    skip = ("json", "lbgw", "nginx", "haproxy", "quick")
     result = {
         "machine": machine,
         "settings": {k: v for k, v in vars(args).items() if k not in skip}
@@ -1009,6 +1160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.runs = int(args.runs or (QUICK_RUNS if args.quick else DEFAULT_RUNS))
     args.duration = float(args.duration or (QUICK_DURATION if args.quick else DEFAULT_DURATION))
     args.warmup = float(args.warmup or (QUICK_WARMUP if args.quick else DEFAULT_WARMUP))
+    if args.configs is None:
+        args.configs = list(QUICK_CONFIGS if args.quick else CONFIGS)
     h2load = shutil.which("h2load") if args.loadgen in ("auto", "h2load") else None
     if args.loadgen == "h2load" and h2load is None:
         _progress("h2load is not on PATH (apt-get install nghttp2-client)")

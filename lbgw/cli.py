@@ -30,7 +30,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Final
 
+from lbgw import loops
 from lbgw.config import (
+    EVENT_LOOPS,
     HASH_STRATEGIES,
     HEALTH_MODES,
     STRATEGIES,
@@ -171,8 +173,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--reflection",
-        action="store_true",
-        help="learn method kinds from the backends' server reflection (quick form)",
+        action=argparse.BooleanOptionalAction,
+        help="learn method kinds from the backends' server reflection (on by default; quick form)",
+    )
+    serve.add_argument(
+        "--protoset",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="method kinds from a file written by protoc --include_imports "
+        "--descriptor_set_out (quick form; repeatable)",
     )
     serve.add_argument(
         "--hash-key",
@@ -200,6 +210,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--workers", type=int, metavar="N", help="worker processes (default 1)")
     serve.add_argument("--grace", type=float, metavar="SECONDS", help="drain time on SIGTERM")
+    serve.add_argument(
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        help="auto (uvloop when installed, the default), asyncio or uvloop",
+    )
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     serve.add_argument("--log-format", choices=("json", "text"))
 
@@ -305,7 +320,8 @@ def _serve_config(  # noqa: PLR0912, PLR0915 - a flag each
         or args.backend
         or args.strategy
         or args.method
-        or args.reflection
+        or args.reflection is not None
+        or args.protoset
         or args.health_check
         or args.health_interval is not None
         or args.health_rpc
@@ -341,7 +357,8 @@ def _serve_config(  # noqa: PLR0912, PLR0915 - a flag each
             **({"dns": dns} if dns else {"endpoints": args.backend}),
             "strategy": args.strategy or "swrr",
             "methods": dict(args.method),
-            "reflection": args.reflection,
+            "reflection": args.reflection is not False,
+            "descriptor_sets": args.protoset,
         }
         hashing = cluster["strategy"] in HASH_STRATEGIES
         if hashing and not args.hash_key:
@@ -402,6 +419,8 @@ def _serve_config(  # noqa: PLR0912, PLR0915 - a flag each
         if not (args.grace >= 0 and math.isfinite(args.grace)):
             raise ConfigError("command line", "--grace", "a number of seconds >= 0", args.grace)
         changes["grace_period"] = args.grace
+    if args.event_loop is not None:
+        changes["event_loop"] = args.event_loop
     log_config = config.log
     if args.log_level:
         log_config = replace(log_config, level=args.log_level)
@@ -454,6 +473,7 @@ async def _run_gateway(
         loop.add_signal_handler(sig, stop.set)
     if _early_stop:
         stop.set()
+    log.info("event loop", extra=fields(loop=loops.loop_name(loop), chosen=config.event_loop))
     gateway = Gateway(config, reuse_port=reuse_port)
     reloader = Reloader(gateway, load, config_id=config_id, on_log=_relog)
     gateway.reloader = reloader  # for the admin server's POST /reload
@@ -601,14 +621,15 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
             return replace(new, listeners=_worker_listeners(new)), new_id
 
         ready = os.environ.get(WORKER_READY_ENV)
-        return asyncio.run(
+        return loops.run(
             _run_gateway(
                 replace(config, listeners=listeners),
                 reuse_port=True,
                 load=worker_load,
                 config_id=config_id,
                 ready_fd=int(ready) if ready else None,
-            )
+            ),
+            config.event_loop,
         )
     if config.workers > 1:
         return _supervise(config, argv, load, config_id, data)
@@ -617,8 +638,9 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
         new, new_id, _ = load()
         return new, new_id
 
-    return asyncio.run(
-        _run_gateway(config, reuse_port=False, load=single_load, config_id=config_id)
+    return loops.run(
+        _run_gateway(config, reuse_port=False, load=single_load, config_id=config_id),
+        config.event_loop,
     )
 
 

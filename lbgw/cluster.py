@@ -3,8 +3,9 @@
 ``build_cluster`` makes a ``Cluster`` from a ``ClusterConfig``: one
 ``Endpoint`` per configured endpoint, each with its channel, a balancer over
 them, their health (the decider and the active checks), session affinity
-when the cluster has any, the method kinds (the config's, then server
-reflection's) and the retry budget. ``Gateway`` calls it once per cluster.
+when the cluster has any, the method kinds (the config's, then the
+descriptor sets', then server reflection's: ``KindLearner``) and the retry
+budget. ``Gateway`` calls it once per cluster.
 
 ``Cluster.pick`` chooses the endpoint for a call and returns a ``Decision``;
 ``Cluster.decide`` is the same pick with its explanation (for traces). Both
@@ -14,7 +15,8 @@ strategy's kernel.
 ``Cluster.update`` replaces the endpoint set while calls flow, matching
 endpoints by address. An endpoint that stays keeps its channel, health
 state, latency estimate and calls in flight; a new one gets its channel, its
-health check and, with reflection on, its method kinds are asked for; a
+health check and, with reflection on, its method kinds are asked for
+(whatever called ``update``: a test, DNS discovery, a reload); a
 removed one leaves rotation at once, its calls in flight finish on it (and
 their ``done`` reaches its own count), and its channel closes when the last
 one ends, or after the grace period. The kernels are rebuilt for the new
@@ -28,7 +30,7 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
@@ -46,11 +48,12 @@ from lbgw.config import (
     RouteConfig,
 )
 from lbgw.decision import Decision
+from lbgw.descriptors import DescriptorSetError, kinds_from_descriptor_sets
 from lbgw.endpoints import ClusterHealth, Endpoint, Leaving
-from lbgw.exceptions import NoEligibleEndpointError
+from lbgw.exceptions import NoEligibleEndpointError, StartError
 from lbgw.health import HealthChecker
 from lbgw.logs import fields
-from lbgw.reflection import discover_kinds
+from lbgw.reflection import KindLearner
 from lbgw.telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -60,11 +63,13 @@ if TYPE_CHECKING:
 
     _Context: TypeAlias = aio.ServicerContext[Any, Any]
 
-__all__ = ["Cluster", "RetryBudget", "Target", "build_cluster"]
+__all__ = ["KIND_SOURCES", "Cluster", "RetryBudget", "Target", "build_cluster"]
 
 log = logging.getLogger("lbgw.cluster")
 
 _Metadata: TypeAlias = Iterable[tuple[str, str | bytes]] | None
+#: Where a cluster's method kinds come from, in precedence order.
+KIND_SOURCES = ("config", "descriptor_sets", "reflection")
 
 
 class RetryBudget:
@@ -109,7 +114,7 @@ class Cluster:
         "_closing",
         "_credentials",
         "_grace",
-        "_learning",
+        "_kind_listeners",
         "_leaving",
         "_options",
         "affinity",
@@ -118,7 +123,9 @@ class Cluster:
         "checker",
         "config",
         "health",
+        "kind_sources",
         "kinds",
+        "learner",
         "name",
         "retries",
         "strategy",
@@ -144,8 +151,19 @@ class Cluster:
         self.health = health
         self.checker = checker
         self.affinity = affinity
-        #: Method kinds: the config's, then what reflection adds (``learn_kinds``).
-        self.kinds: dict[str, MethodKind] = dict(config.methods)
+        #: Method kinds: the config's, then the descriptor sets', then what
+        #: reflection adds (``learn_kinds``, and later ``KindLearner``'s answers).
+        self.kinds: dict[str, MethodKind] = {}
+        #: How many of ``kinds`` came from each of ``KIND_SOURCES``.
+        self.kind_sources: dict[str, int] = dict.fromkeys(KIND_SOURCES, 0)
+        self._kind_listeners: list[Callable[[Cluster, list[str]], None]] = []
+        self._add_kinds(dict(config.methods), "config")
+        try:
+            described = kinds_from_descriptor_sets(config.descriptor_sets)
+        except DescriptorSetError as exc:  # read at load time; changed since
+            raise StartError(f"cluster {config.name!r}: {exc}") from None
+        self._add_kinds(described, "descriptor_sets")
+        self.learner = KindLearner(self.name, self._reflected)
         self.retries = config.retries
         self.budget = RetryBudget(config.retries)
         self._options = list(options)
@@ -155,12 +173,12 @@ class Cluster:
         self._grace = grace
         self._leaving: set[Endpoint] = set()  # removed, with calls still in flight
         self._closing: set[asyncio.Task[None]] = set()  # channels of removed endpoints
-        self._learning: set[asyncio.Task[None]] = set()  # reflection of added endpoints
         self._closed = False
 
     def __repr__(self) -> str:
         return (
             f"<Cluster {self.name} {self.balancer!r} methods={len(self.kinds)} "
+            f"asking={len(self.learner.asking)} "
             f"active={self.budget.active} retrying={self.budget.retrying}>"
         )
 
@@ -311,6 +329,7 @@ class Cluster:
             self.affinity.rebuild()
         self.health.rebuilt()
         loop = asyncio.get_running_loop()
+        self.learner.forget(removed)
         for e in removed:
             self.checker.remove(e)
             e.index = -1
@@ -322,9 +341,7 @@ class Cluster:
         for e in added:
             self.checker.add(e)
         if added and self.config.reflection:
-            task = asyncio.ensure_future(self._learn(added))
-            self._learning.add(task)
-            task.add_done_callback(self._learning.discard)
+            self.learner.ask(added)
         log.info(
             "cluster updated",
             extra=fields(
@@ -374,19 +391,42 @@ class Cluster:
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
-    async def learn_kinds(self) -> None:
-        """Ask the endpoints for their method kinds, with ``reflection`` on (start-up)."""
-        if self.config.reflection:
-            await self._learn(self.endpoints)
+    # -- method kinds ------------------------------------------------------------------------
 
-    async def _learn(self, endpoints: Sequence[Endpoint]) -> None:
-        """Ask endpoints for their method kinds; the kinds known already (config's) stay."""
-        asked = [(e.address, e.backend.channel) for e in endpoints if e.backend is not None]
-        found = await discover_kinds(
-            self.name, [address for address, _ in asked], [channel for _, channel in asked]
+    async def learn_kinds(self, timeout: float | None = None) -> None:
+        """Ask the endpoints for their method kinds, with ``reflection`` on (start-up).
+
+        Every endpoint is asked at once, all within ``timeout`` (5 s); one
+        that could not be asked is asked again in the background.
+        """
+        if self.config.reflection:
+            await self.learner.ask_now(self.endpoints, timeout)
+
+    def on_kinds(self, listener: Callable[[Cluster, list[str]], None]) -> None:
+        """Call ``listener(cluster, methods)`` whenever methods' kinds become known."""
+        self._kind_listeners.append(listener)
+
+    def _add_kinds(self, found: dict[str, MethodKind], source: str) -> list[str]:
+        """Add the kinds not known already (an earlier source wins); the methods added."""
+        kinds = self.kinds
+        added = [method for method in found if method not in kinds]
+        for method in added:
+            kinds[method] = found[method]
+        self.kind_sources[source] += len(added)
+        return added
+
+    def _reflected(self, found: dict[str, MethodKind], address: str) -> None:
+        """An endpoint's reflection answered: keep the new kinds, tell the listeners."""
+        added = self._add_kinds(found, "reflection")
+        log.info(
+            "method kinds",
+            extra=fields(
+                cluster=self.name, endpoint=address, new=len(added), known=self.kind_sources
+            ),
         )
-        for method, kind in found.items():
-            self.kinds.setdefault(method, kind)
+        if added:
+            for listener in self._kind_listeners:
+                listener(self, added)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -397,11 +437,10 @@ class Cluster:
         self._closed = True
         await self.checker.stop()
         self.health.drain()
-        learning = set(self._learning)
-        for task in learning:
-            task.cancel()
+        self._kind_listeners.clear()
+        await self.learner.close()
         # Channels already closing finish closing: a close cut short may leak the core channel.
-        await asyncio.gather(*learning, *self._closing, return_exceptions=True)
+        await asyncio.gather(*self._closing, return_exceptions=True)
         backends = [e.backend for e in (*self.endpoints, *self._leaving) if e.backend is not None]
         self._leaving.clear()
         for backend in backends:
@@ -475,8 +514,9 @@ def build_cluster(
 ) -> Cluster:
     """The cluster ``config`` describes, its channels connecting and its checks started.
 
-    Its method kinds are the config's until ``learn_kinds`` has asked the
-    endpoints (with ``reflection`` on). Call it from the event loop.
+    Its method kinds are the config's and the descriptor sets' until
+    ``learn_kinds`` has asked the endpoints (with ``reflection`` on). Call it
+    from the event loop.
     """
     loop = asyncio.get_running_loop()
     options = channel_options(config, limits)

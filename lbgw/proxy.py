@@ -1,7 +1,9 @@
 """The forwarding path: one ``grpc.GenericRpcHandler`` that passes raw bytes through.
 
 For each method, ``Proxy`` builds a handler once (up front for the methods
-whose kind is known, on first use for the others) and keeps it:
+whose kind is known, on first use for the others) and keeps it; a method
+whose kind becomes known later (reflection of an endpoint that was down, or
+joined) gets its fast-path handler then, for the calls that follow:
 
 * the route gives the cluster (``routing.Router``); no route: the call gets
   ``UNIMPLEMENTED`` naming the method;
@@ -30,9 +32,12 @@ attempt that fails with one of the route's ``retry_on`` codes (default
 gives) is retried on a different endpoint when all of these hold:
 
 * nothing of the response has reached the client;
-* for a client stream or bidi, lbgw has not read from the client's stream
-  (so nothing can have been sent; a unary or server-streaming request is
-  held by lbgw and can be sent again);
+* for a streamed request (client stream, bidi, or a method of unknown kind),
+  the retry buffer (``replay.ReplayBuffer``, ``retry_buffer_bytes`` per
+  call) still holds everything the client has sent: it was not outgrown and
+  no response header has come. The retry replays it on the new endpoint,
+  then carries on with the live stream. (A unary or server-streaming request
+  is held by lbgw whole and can always be sent again);
 * the call has attempts left (``max_attempts``, 2 by default, in all);
 * the cluster's retry budget allows it (``cluster.RetryBudget``); and the
   client's deadline has time left.
@@ -47,7 +52,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import grpc
@@ -64,6 +69,7 @@ from lbgw.exceptions import (
     NoRouteError,
 )
 from lbgw.logs import fields
+from lbgw.replay import ClientStream
 from lbgw.routing import Router
 from lbgw.telemetry import Telemetry, TracedCall, end_span
 
@@ -126,6 +132,9 @@ class Proxy(grpc.GenericRpcHandler):
     kept. Others are built on first use and kept in a bounded LRU cache, so
     a client that invents method names cannot evict the known ones or grow
     lbgw's memory; calls with no route get a reject handler, never cached.
+    A method whose kind a cluster learns later moves from the cache to the
+    known handlers (``Cluster.on_kinds``); only a backend's reflection adds
+    kinds, never a client.
     """
 
     def __init__(
@@ -147,6 +156,7 @@ class Proxy(grpc.GenericRpcHandler):
                 target = router.match(method)
                 if target is not None and target.cluster is cluster:
                     self._known[method] = self._build(target, method)
+            cluster.on_kinds(self._learned)
 
     def __repr__(self) -> str:
         return f"<Proxy known={len(self._known)} recent={len(self._recent)}>"
@@ -162,6 +172,18 @@ class Proxy(grpc.GenericRpcHandler):
             recent.move_to_end(method)
             return handler
         return self.handler(method)
+
+    def _learned(self, cluster: Cluster, methods: list[str]) -> None:
+        """``cluster`` learned these methods' kinds: their calls from now on take that form."""
+        for method in methods:
+            target = self._router.match(method)
+            if target is None or target.cluster is not cluster:
+                continue
+            self._known[method] = self._build(target, method)
+            if self._recent.pop(method, None) is not None:
+                unknown = _call_key(method, None)
+                for e in cluster.endpoints:  # calls in flight hold theirs
+                    e.calls.pop(unknown, None)
 
     def handler(self, method: str) -> _Handler:
         """The handler for ``method``: its route, its kind, its multicallables."""
@@ -285,9 +307,12 @@ _UNARY: Final = _Unary()
 
 
 async def _feed(
-    call: Any, requests: AsyncIterator[bytes], handler: asyncio.Task[Any], progress: _Progress
+    call: Any, requests: ClientStream, handler: asyncio.Task[Any], progress: _Progress
 ) -> None:
     """Copy the client's request stream to the backend call, one message at a time.
+
+    A retry's feeder first replays what the retry buffer holds, in order.
+    The buffer is released once something of the response has been relayed.
 
     Each message is read from the client only after the previous one was
     sent on, so gRPC's flow control holds a fast client back. At the end of
@@ -299,12 +324,21 @@ async def _feed(
     comes later only when gRPC's poller thread is starved of CPU, and the
     backend then sees the end of the stream just before the cancel.)
     ``progress.read`` turns True once the client's stream is being read;
-    until then, the call can be retried.
+    from then on, a retry needs the retry buffer.
     """
+    buffer = requests.buffer
     try:
         await call.wait_for_connection()
-        progress.read = True  # from here on, a retry could lose what was read
-        async for message in requests:
+        progress.read = True  # from here on, a retry needs the buffer
+        for held in buffer.messages if buffer.replayable else ():
+            if call.done() or not await send_message(call, held):
+                return
+        while not buffer.ended:
+            message = await requests.read()
+            if message is None:
+                break
+            if progress.relayed and not buffer.released:
+                buffer.release()
             if call.done() or not await send_message(call, message):
                 return
         await asyncio.sleep(0)
@@ -341,6 +375,15 @@ async def _relay_stream(
         await context.write(response)
     if not progress.relayed and token is not None:
         await context.send_initial_metadata((token,))
+
+
+def _replayable(stream: ClientStream, error: aio.AioRpcError) -> bool:
+    """Whether a retry can resend all the client sent: no response header came, nothing
+    outgrew the buffer (Envoy's rule)."""
+    if not stream.buffer.replayable or error.initial_metadata():
+        stream.buffer.release()
+        return False
+    return True
 
 
 def _end(call: Any, feeder: asyncio.Task[None] | None) -> None:
@@ -462,6 +505,8 @@ def _forwarder(  # noqa: PLR0915 - the attempt loop, inline: it runs on every ca
     traced = telemetry.enabled
     sticky = cluster.affinity is not None and cluster.affinity.sticky is not None
     key = _call_key(method, kind)
+    # A single attempt needs no replay: buffer nothing.
+    buffer_limit = cluster.retries.retry_buffer_bytes if cluster.retries.max_attempts > 1 else 0
     # Only a unary request with a unary response makes no progress worth a record.
     tracks_progress = streaming_request or not unary_response
 
@@ -475,6 +520,7 @@ def _forwarder(  # noqa: PLR0915 - the attempt loop, inline: it runs on every ca
         if identity is not None:  # forward_client_cert: the verified client's XFCC
             metadata = identity.forwarded(context, metadata)
         attempt = 1
+        stream = ClientStream(request, buffer_limit) if streaming_request else None
         # What the trace says if the handler is cancelled:
         code: grpc.StatusCode = _CANCELLED
         details: str | None = _GONE
@@ -490,11 +536,11 @@ def _forwarder(  # noqa: PLR0915 - the attempt loop, inline: it runs on every ca
                     sent = metadata if tr is None else tr.metadata(metadata)
                     multicallable = e.calls.get(key) or _multicallable(e, key, method, kind)
                     timeout = context.time_remaining()
-                    if streaming_request:
+                    if stream is not None:
                         call = multicallable(metadata=sent, timeout=timeout)
                         handler = asyncio.current_task()
                         assert handler is not None  # grpc.aio runs every handler in a task
-                        feeder = asyncio.ensure_future(_feed(call, request, handler, progress))
+                        feeder = asyncio.ensure_future(_feed(call, stream, handler, progress))
                     else:
                         call = multicallable(request, metadata=sent, timeout=timeout)
                     token = e.token if sticky else None
@@ -525,7 +571,7 @@ def _forwarder(  # noqa: PLR0915 - the attempt loop, inline: it runs on every ca
                     if tr is not None:
                         tr.end_attempt(code, error.details())
                     retry_to = None
-                    if not progress.read and not progress.relayed:
+                    if not progress.relayed and (stream is None or _replayable(stream, error)):
                         retry_to = _retry_to(
                             target, e, code, attempt, context, traced=tr, method=method
                         )
@@ -540,6 +586,8 @@ def _forwarder(  # noqa: PLR0915 - the attempt loop, inline: it runs on every ca
                 attempt += 1
                 e = retry_to
         finally:
+            if stream is not None:
+                stream.close()
             budget.active -= 1
             if attempt > 1:
                 budget.retrying -= 1

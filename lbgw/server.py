@@ -1,7 +1,8 @@
 """The gateway: builds clusters from a config and runs the grpc.aio server.
 
 ``Gateway`` owns the lifecycle: ``start()`` makes one channel per endpoint,
-starts the health checks, learns method kinds (config, then reflection),
+starts the health checks, learns method kinds (config, descriptor sets, then
+reflection, which goes on in the background for endpoints it could not ask),
 binds the listeners and starts serving, with lbgw's own health service
 beside the proxy; ``stop(grace)`` turns lbgw's health NOT_SERVING, stops
 accepting calls, gives those in flight ``grace`` seconds, cancels what is
@@ -164,6 +165,8 @@ class Gateway:
                     strategy=cluster.balancer.strategy,
                     endpoints=[e.address for e in cluster.endpoints],
                     known_methods=len(cluster.kinds),
+                    method_kinds=cluster.kind_sources,
+                    reflection_pending=cluster.learner.asking,
                     health_check=self.config.cluster(cluster.name).health_check.mode,
                 ),
             )

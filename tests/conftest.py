@@ -7,13 +7,15 @@ Every kernel test takes ``impl`` and so runs twice, on the pure-Python twins
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import Callable, Mapping
 from types import ModuleType
 
 import pytest
 from hypothesis import settings
 
-from lbgw import _fastpick, picking
+from lbgw import _fastpick, loops, picking
 
 # Deterministic and bounded: the same examples on every run, no example
 # database, and few enough that the kernel suite stays in seconds on 2 cores.
@@ -28,3 +30,17 @@ def impl(request: pytest.FixtureRequest) -> ModuleType:
     """The kernel module under test: the pure-Python twins or the compiled kernels."""
     module: ModuleType = request.param
     return module
+
+
+#: Test modules that run on every event loop lbgw supports (``[server] event_loop``).
+_EVERY_LOOP = frozenset({"tests.integration.test_interop"})
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The interop suite runs on asyncio's loop and on uvloop; every other test on asyncio's."""
+    module = getattr(item, "module", None)
+    if module is None or module.__name__ not in _EVERY_LOOP:
+        return {"asyncio": asyncio.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop, "uvloop": loops.loop_factory("uvloop")}

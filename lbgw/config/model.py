@@ -5,13 +5,13 @@ see ``fields.py``) the range, choices or rule a file's value must meet. The
 reader walks these classes; the README's example is checked against their
 defaults. Layout of the TOML file::
 
-    [server]      grace_period, drain_delay, workers         (fields of Config)
+    [server]      grace_period, drain_delay, workers, event_loop  (fields of Config)
     [[listeners]] address
     [limits]      max_receive_message_bytes, max_send_message_bytes, max_concurrent_streams
     [log]         level, format
-    [clusters.NAME]  endpoints, strategy, params, channel_options, methods, reflection,
-                     panic_threshold, and the tables health_check, outlier_detection,
-                     slow_start, retries, sticky, dns (instead of endpoints)
+    [clusters.NAME]  endpoints, strategy, params, channel_options, methods, descriptor_sets,
+                     reflection, panic_threshold, and the tables health_check, outlier_detection,
+                     slow_start, retries, sticky, tls, dns (instead of endpoints)
     [[routes]]    one of method / service / package / default, cluster, retry_on
     [tracing]     service_name, exporter, endpoint, ... (see TracingConfig)
 """
@@ -52,6 +52,10 @@ def _non_empty_path(text: str) -> None:
 
 #: gRPC's own default for received messages, used both ways.
 DEFAULT_MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
+#: Per call, the request bytes kept for a retry (Envoy's per-request buffer limit: 1 MiB).
+DEFAULT_RETRY_BUFFER_BYTES: Final = 1024 * 1024
+#: The event loops lbgw runs on; "auto": uvloop when it can be imported.
+EVENT_LOOPS: Final = ("auto", "asyncio", "uvloop")
 #: The largest message size gRPC can carry (a signed 32-bit length).
 MAX_MESSAGE_BYTES: Final = 2**31 - 1
 STRATEGIES: Final = (
@@ -330,6 +334,14 @@ class RetryConfig:
     max_attempts: int = field(default=2, metadata=spec(low=1, high=5))
     budget_percent: float = field(default=20.0, metadata=spec(high=100))
     min_retry_concurrency: int = field(default=3, metadata=spec(low=0, high=1_000_000))
+    #: The bytes of a streamed request (unknown kind, client streaming, bidi)
+    #: kept per call so that a retry can replay them, until the backend's
+    #: response headers come. Envoy's default per-request buffer limit is
+    #: 1 MiB (``per_request_buffer_limit_bytes``); lbgw's is the same.
+    #: 0: a streamed request is retried only before lbgw has read from it.
+    retry_buffer_bytes: int = field(
+        default=DEFAULT_RETRY_BUFFER_BYTES, metadata=spec(high=2**31 - 1)
+    )
 
 
 def _stray_param(strategy: str, takes: list[str]) -> str:
@@ -416,6 +428,19 @@ class DnsConfig:
     )
 
 
+def _descriptor_set(path: str) -> None:
+    """A file protoc wrote with --descriptor_set_out, read now so a bad one stops the load."""
+    from lbgw.descriptors import (  # noqa: PLC0415 - it imports this module
+        DescriptorSetError,
+        kinds_from_descriptor_set,
+    )
+
+    try:
+        kinds_from_descriptor_set(path)
+    except DescriptorSetError as exc:
+        raise Invalid(str(exc)) from None
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterConfig:
     name: str = field(metadata=spec(check=_cluster_name))
@@ -439,8 +464,16 @@ class ClusterConfig:
     methods: tuple[tuple[str, MethodKind], ...] = field(
         default=(), metadata=spec(check=_method_name, expected="a table of full method name = kind")
     )
-    #: Ask the endpoints' server reflection service for method kinds at start-up.
-    reflection: bool = False
+    #: Files written by ``protoc --include_imports --descriptor_set_out``: more
+    #: method kinds, after ``methods`` and before reflection's.
+    descriptor_sets: tuple[str, ...] = field(
+        default=(),
+        metadata=spec(check=_descriptor_set, expected="an array of descriptor set file paths"),
+    )
+    #: Ask the endpoints' server reflection service for method kinds (best
+    #: effort: at start-up, then in the background for an endpoint that could
+    #: not be asked, and for each endpoint that joins).
+    reflection: bool = True
     health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
     outlier_detection: OutlierConfig = field(default_factory=OutlierConfig)
     slow_start: SlowStartConfig = field(default_factory=SlowStartConfig)
@@ -611,6 +644,8 @@ class Config:
     #: to see it. 0 closes them at once (as NGINX and HAProxy stop listening).
     drain_delay: float = field(default=0.0, metadata=spec(table=_SERVER))
     workers: int = field(default=1, metadata=spec(table=_SERVER, low=1, high=MAX_WORKERS))
+    #: "auto": uvloop when it can be imported, else asyncio's own loop.
+    event_loop: str = field(default="auto", metadata=spec(table=_SERVER, choices=EVENT_LOOPS))
     #: The file it was read from; the reader sets it, a file cannot.
     source: str = "<config>"
 

@@ -109,7 +109,7 @@ async def test_a_sigstopped_backend_leaves_rotation_and_its_calls_fail_fast(  # 
         ),
     ):
         args = ["--listen", "127.0.0.1:0", "--backend", frozen_addr, "--backend", steady_addr]
-        with lbgw_process(*args, "--health-rpc", rpc, *methods) as lbgw:
+        async with lbgw_process(*args, "--health-rpc", rpc, *methods) as lbgw:  # noqa: SIM117 - the inner context needs the outer
             async with aio.insecure_channel(lbgw.address) as channel:
                 stub: Any = echo_pb2_grpc.EchoStub(channel)  # type: ignore[no-untyped-call]
                 # Both in rotation: the first checks have passed.

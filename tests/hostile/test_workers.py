@@ -75,8 +75,8 @@ ARGS = ["--listen", "127.0.0.1:0", "--method", f"{UNARY}=unary", "--workers", "2
 
 
 async def test_a_killed_worker_is_restarted_while_the_other_keeps_serving() -> None:
-    async with echo_backends(EchoBackend("a")) as (addr,):
-        with lbgw_process(*ARGS, "--backend", addr) as lbgw:
+    async with echo_backends(EchoBackend("a")) as (addr,):  # noqa: SIM117 - the inner context needs the outer
+        async with lbgw_process(*ARGS, "--backend", addr) as lbgw:
             await until(lambda: len(serving_pids(lbgw)) == 2)
             first = sorted(serving_pids(lbgw))
             callers = Callers(lbgw.address)
@@ -107,8 +107,8 @@ async def test_a_killed_worker_is_restarted_while_the_other_keeps_serving() -> N
 
 
 async def test_only_a_crash_loop_stops_the_gateway() -> None:
-    async with echo_backends(EchoBackend("a")) as (addr,):
-        with lbgw_process(*ARGS, "--backend", addr) as lbgw:
+    async with echo_backends(EchoBackend("a")) as (addr,):  # noqa: SIM117 - the inner context needs the outer
+        async with lbgw_process(*ARGS, "--backend", addr) as lbgw:
             killed: set[int] = set()
             async with asyncio.timeout(60):
                 while lbgw.process.poll() is None:
@@ -134,7 +134,7 @@ async def test_sighup_storms_never_kill_lbgw(tmp_path: Path, workers: str) -> No
             f'[clusters.echo.methods]\n"{UNARY}" = "unary"\n'
         )
         path.write_text(good)
-        with lbgw_process("--config", str(path), "--workers", workers) as lbgw:
+        async with lbgw_process("--config", str(path), "--workers", workers) as lbgw:
             lbgw.process.send_signal(signal.SIGHUP)  # early: workers may not serve yet
             await until(lambda: len(serving_pids(lbgw)) >= int(workers))
             callers = Callers(lbgw.address)

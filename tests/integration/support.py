@@ -9,13 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import selectors
 import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,52 +109,48 @@ class LbgwProcess:
         return code
 
 
-def _read_until_listening(process: subprocess.Popen[str], timeout: float) -> list[dict[str, Any]]:
-    assert process.stderr is not None
-    lines: list[dict[str, Any]] = []
-    selector = selectors.DefaultSelector()
-    selector.register(process.stderr, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not selector.select(timeout=max(0.0, deadline - time.monotonic())):
-            break
-        line = process.stderr.readline()
-        if not line:
-            break
-        event = json.loads(line)
-        lines.append(event)
-        if event.get("event") == "listening":
-            return lines
-    raise AssertionError(f"lbgw did not report listening within {timeout}s: {lines}")
-
-
-def _drain(process: subprocess.Popen[str], lines: list[dict[str, Any]]) -> None:
+def _drain(
+    process: subprocess.Popen[str], lines: list[dict[str, Any]], listening: threading.Event
+) -> None:
+    """Every log line of ``process`` into ``lines``; ``listening`` set at the first
+    'listening' line, or when the log ends (the process exited)."""
     assert process.stderr is not None
     for line in process.stderr:
         with contextlib.suppress(ValueError):
-            lines.append(json.loads(line))
+            event = json.loads(line)
+            lines.append(event)
+            if event.get("event") == "listening":
+                listening.set()
+    listening.set()
 
 
-@contextlib.contextmanager
-def lbgw_process(*args: str, timeout: float = 20.0) -> Iterator[LbgwProcess]:
-    """Run ``python -m lbgw serve ARGS``; yield once it listens. Stopped by PID at exit."""
+@contextlib.asynccontextmanager
+async def lbgw_process(*args: str, timeout: float = 20.0) -> AsyncIterator[LbgwProcess]:
+    """Run ``python -m lbgw serve ARGS``; yield once it listens. Stopped by PID at exit.
+
+    The start is awaited off the event loop (a reader thread reads the log),
+    so backends served on the test's own loop answer lbgw's health checks
+    and reflection while it starts.
+    """
     process = subprocess.Popen(
         [sys.executable, "-m", "lbgw", "serve", *args, "--log-format", "json"],
         stderr=subprocess.PIPE,
         text=True,
     )
-    drainer: threading.Thread | None = None
+    lines: list[dict[str, Any]] = []
+    listening = threading.Event()
+    drainer = threading.Thread(target=_drain, args=(process, lines, listening), daemon=True)
+    drainer.start()
     try:
-        lines = _read_until_listening(process, timeout)
-        address = lines[-1]["address"]
-        drainer = threading.Thread(target=_drain, args=(process, lines), daemon=True)
-        drainer.start()
-        yield LbgwProcess(process, address, lines, drainer)
+        await asyncio.to_thread(listening.wait, timeout)
+        found = [e for e in list(lines) if e.get("event") == "listening"]
+        if not found:
+            raise AssertionError(f"lbgw did not report listening within {timeout}s: {lines}")
+        yield LbgwProcess(process, found[0]["address"], lines, drainer)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
-        process.wait(timeout=10)
-        if drainer is not None:
-            drainer.join(10)
+        await asyncio.to_thread(process.wait, 10)
+        drainer.join(10)
         if process.stderr is not None:
             process.stderr.close()

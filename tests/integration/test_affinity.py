@@ -143,7 +143,7 @@ async def test_two_lbgw_processes_send_each_key_to_the_same_backend(strategy: st
                 *("--health-check", "none", *flags),
             ]
 
-        with (
+        async with (
             lbgw_process(*args(endpoints)) as one,
             lbgw_process(*args(endpoints[::-1])) as two,
         ):
@@ -477,32 +477,33 @@ secret = "{secret}"
         )
         return path
 
-    async with echo_backends(*_backends()) as addrs:
-        with contextlib.ExitStack() as stack:
-            # One replica gets the secret from the environment, which wins over
-            # its file's placeholder; the other from its file.
-            with monkeypatch.context() as env:
-                env.setenv(STICKY_SECRET_ENV, "shared")
-                one = stack.enter_context(lbgw_process("--config", str(toml(addrs, "placeholder"))))
-            with monkeypatch.context() as env:
-                env.delenv(STICKY_SECRET_ENV, raising=False)
-                two = stack.enter_context(
-                    lbgw_process("--config", str(toml(addrs[::-1], "shared")))
-                )
-            async with (
-                aio.insecure_channel(one.address) as ch1,
-                aio.insecure_channel(two.address) as ch2,
-            ):
-                s1, s2 = _stub(ch1), _stub(ch2)
-                issued = dict([await _unary(s1) for _ in NAMES])
-                tokens = {name: md[STICKY] for name, md in issued.items()}
-                through_two = {
-                    name: [await _unary(s2, [(STICKY, token)]) for _ in range(3)]
-                    for name, token in tokens.items()
-                }
-                rotation = [await _backend(s2) for _ in NAMES]
-            await _stop(one)
-            await _stop(two)
+    async with echo_backends(*_backends()) as addrs, contextlib.AsyncExitStack() as stack:
+        # One replica gets the secret from the environment, which wins over
+        # its file's placeholder; the other from its file.
+        with monkeypatch.context() as env:
+            env.setenv(STICKY_SECRET_ENV, "shared")
+            one = await stack.enter_async_context(
+                lbgw_process("--config", str(toml(addrs, "placeholder")))
+            )
+        with monkeypatch.context() as env:
+            env.delenv(STICKY_SECRET_ENV, raising=False)
+            two = await stack.enter_async_context(
+                lbgw_process("--config", str(toml(addrs[::-1], "shared")))
+            )
+        async with (
+            aio.insecure_channel(one.address) as ch1,
+            aio.insecure_channel(two.address) as ch2,
+        ):
+            s1, s2 = _stub(ch1), _stub(ch2)
+            issued = dict([await _unary(s1) for _ in NAMES])
+            tokens = {name: md[STICKY] for name, md in issued.items()}
+            through_two = {
+                name: [await _unary(s2, [(STICKY, token)]) for _ in range(3)]
+                for name, token in tokens.items()
+            }
+            rotation = [await _backend(s2) for _ in NAMES]
+        await _stop(one)
+        await _stop(two)
     assert list(tokens) == list(NAMES)
     assert through_two == {n: [(n, {STICKY: tokens[n]})] * 3 for n in NAMES}
     assert rotation == list("dcba")  # without a token, replica two rotates in its own order

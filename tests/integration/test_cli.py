@@ -31,7 +31,7 @@ async def test_serve_quick_form_forwards_with_weights() -> None:
     a, b = EchoBackend("a"), EchoBackend("b")
     async with echo_backends(a, b) as (addr_a, addr_b):
         args = ["--listen", "127.0.0.1:0", "--backend", addr_a, "--backend", f"{addr_b}=3"]
-        with lbgw_process(*args, "--method", f"{UNARY}=unary") as lbgw:
+        async with lbgw_process(*args, "--method", f"{UNARY}=unary") as lbgw:
             async with aio.insecure_channel(lbgw.address) as channel:
                 stub: object = _stub(channel)
                 got = collections.Counter(
@@ -44,8 +44,10 @@ async def test_serve_quick_form_forwards_with_weights() -> None:
 
 async def test_sigterm_drains_calls_in_flight_then_exits_0() -> None:
     backend = EchoBackend("slow", delay=1.0)
-    async with echo_backends(backend) as (addr,):
-        with lbgw_process("--listen", "127.0.0.1:0", "--backend", addr, "--grace", "10") as lbgw:
+    async with echo_backends(backend) as (addr,):  # noqa: SIM117 - the inner context needs the outer
+        async with lbgw_process(
+            "--listen", "127.0.0.1:0", "--backend", addr, "--grace", "10"
+        ) as lbgw:
             async with aio.insecure_channel(lbgw.address) as channel:
                 stub = _stub(channel)
                 in_flight = asyncio.ensure_future(stub.Unary(request(message="m"), timeout=10))  # type: ignore[attr-defined]
@@ -64,29 +66,33 @@ async def test_sigterm_drains_calls_in_flight_then_exits_0() -> None:
 async def test_sigterm_past_the_grace_period_cancels_the_rest_and_exits_0() -> None:
     backend = EchoBackend("stuck", delay=30.0)
     async with echo_backends(backend) as (addr,):
-        with lbgw_process("--listen", "127.0.0.1:0", "--backend", addr, "--grace", "0.5") as lbgw:
-            async with aio.insecure_channel(lbgw.address) as channel:
-                stub = _stub(channel)
-                call = stub.Unary(request(), timeout=20)  # type: ignore[attr-defined]
-                async with asyncio.timeout(5):
-                    while backend.seen.calls == 0:
-                        await asyncio.sleep(0.01)
-                lbgw.process.send_signal(signal.SIGTERM)
-                with pytest.raises(aio.AioRpcError) as info:
-                    await asyncio.wait_for(call, 10)
-                assert info.value.code() in (
-                    grpc.StatusCode.CANCELLED,
-                    grpc.StatusCode.UNAVAILABLE,
-                )
-                assert await asyncio.to_thread(lbgw.wait, 15) == 0
+        async with (
+            lbgw_process("--listen", "127.0.0.1:0", "--backend", addr, "--grace", "0.5") as lbgw,
+            aio.insecure_channel(lbgw.address) as channel,
+        ):
+            stub = _stub(channel)
+            call = stub.Unary(request(), timeout=20)  # type: ignore[attr-defined]
+            async with asyncio.timeout(5):
+                while backend.seen.calls == 0:
+                    await asyncio.sleep(0.01)
+            lbgw.process.send_signal(signal.SIGTERM)
+            with pytest.raises(aio.AioRpcError) as info:
+                await asyncio.wait_for(call, 10)
+            assert info.value.code() in (
+                grpc.StatusCode.CANCELLED,
+                grpc.StatusCode.UNAVAILABLE,
+            )
+            assert await asyncio.to_thread(lbgw.wait, 15) == 0
         async with asyncio.timeout(5):
             await backend.cancel_seen.wait()  # the backend's call was cancelled too
 
 
 async def test_workers_share_the_port_and_all_stop_on_sigterm() -> None:
     a = EchoBackend("a")
-    async with echo_backends(a) as (addr,):
-        with lbgw_process("--listen", "127.0.0.1:0", "--backend", addr, "--workers", "2") as lbgw:
+    async with echo_backends(a) as (addr,):  # noqa: SIM117 - the inner context needs the outer
+        async with lbgw_process(
+            "--listen", "127.0.0.1:0", "--backend", addr, "--workers", "2"
+        ) as lbgw:
             pids: set[int] = set()
             async with asyncio.timeout(10):
                 while len([e for e in lbgw.lines if e["event"] == "listening"]) < 2:
@@ -200,17 +206,19 @@ def test_a_port_in_use_exits_1_naming_the_address() -> None:
 
 async def test_workers_stop_when_their_supervisor_is_killed() -> None:
     a = EchoBackend("a")
-    async with echo_backends(a) as (addr,):
-        with lbgw_process("--listen", "127.0.0.1:0", "--backend", addr, "--workers", "2") as lbgw:
-            async with asyncio.timeout(10):
-                while len([e for e in lbgw.lines if e["event"] == "listening"]) < 2:
-                    await asyncio.sleep(0.05)
-            workers = next(e for e in lbgw.lines if e["event"] == "workers")["pids"]
-            lbgw.process.send_signal(signal.SIGKILL)
-            await asyncio.to_thread(lbgw.process.wait, 10)
-            async with asyncio.timeout(15):
-                while any(_alive(pid) for pid in workers):
-                    await asyncio.sleep(0.1)
+    async with (
+        echo_backends(a) as (addr,),
+        lbgw_process("--listen", "127.0.0.1:0", "--backend", addr, "--workers", "2") as lbgw,
+    ):
+        async with asyncio.timeout(10):
+            while len([e for e in lbgw.lines if e["event"] == "listening"]) < 2:
+                await asyncio.sleep(0.05)
+        workers = next(e for e in lbgw.lines if e["event"] == "workers")["pids"]
+        lbgw.process.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(lbgw.process.wait, 10)
+        async with asyncio.timeout(15):
+            while any(_alive(pid) for pid in workers):
+                await asyncio.sleep(0.1)
 
 
 def _alive(pid: int) -> bool:

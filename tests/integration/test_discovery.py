@@ -261,7 +261,7 @@ async def test_quick_form_backend_dns(tmp_path: Path) -> None:
                 "--dns-refresh",
                 "0.5",
             ]
-            with lbgw_process(*args) as lbgw:
+            async with lbgw_process(*args) as lbgw:  # noqa: SIM117 - the inner context needs the outer
                 async with aio.insecure_channel(lbgw.address) as ch:
                     stub = stub_of(ch)
                     assert (await stub.Unary(request(), timeout=5)).backend == "a"

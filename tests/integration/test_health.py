@@ -640,7 +640,7 @@ async def test_serve_quick_form_with_tcp_health_checks_forwards() -> None:
         down = closed_port()
         args = ["--listen", "127.0.0.1:0", "--backend", addr, "--backend", down]
         checks = ["--health-check", "tcp", "--health-interval", "0.2", "--log-level", "debug"]
-        with lbgw_process(*args, *checks) as lbgw:
+        async with lbgw_process(*args, *checks) as lbgw:
             async with aio.insecure_channel(lbgw.address) as channel:
                 stub = health_stub(channel)
                 assert (await stub.Check(ask("default"), timeout=5)).status == SERVING
@@ -671,7 +671,7 @@ async def test_endpoint_state_changes_are_logged_as_endpoint_state_events() -> N
     backend = EchoBackend("a")
     async with echo_backends(backend) as (addr,):
         args = ["--listen", "127.0.0.1:0", "--backend", addr, "--health-check", "tcp"]
-        with lbgw_process(*args, "--health-interval", "0.2") as lbgw:
+        async with lbgw_process(*args, "--health-interval", "0.2") as lbgw:
             await until("a state change is logged", lambda: len(lbgw.lines) > 2)
             await asyncio.sleep(0.3)
     changes = [e for e in lbgw.lines if e.get("state") == "serving"]

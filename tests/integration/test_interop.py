@@ -15,6 +15,10 @@ Every case runs three times, by the ``target`` fixture:
 * ``direct``: no lbgw at all, the client calls the backend. It is the
   control: a case that fails through lbgw but passes here is an lbgw bug.
 
+Every case runs on asyncio's own event loop and on uvloop (ids ``asyncio``
+and ``uvloop``; ``pytest_asyncio_loop_factories`` in tests/conftest.py), the
+two loops lbgw's ``[server] event_loop`` chooses between.
+
 Every wait is bounded by ``asyncio.timeout``.
 """
 
@@ -28,6 +32,7 @@ import grpc
 import pytest
 from grpc import aio
 
+from lbgw import loops
 from lbgw.config import config_from_mapping
 from lbgw.pb.interop import empty_pb2, messages_pb2, test_pb2_grpc
 from lbgw.server import Gateway
@@ -66,6 +71,8 @@ def gateway_config(backend: str, *, kinds: bool) -> dict[str, Any]:
     }
     if kinds:
         cluster["methods"] = METHOD_KINDS
+    else:  # the interop service serves no reflection; no kinds, however asked
+        cluster["reflection"] = False
     return {
         "listeners": [{"address": "127.0.0.1:0"}],
         "clusters": {"interop": cluster},
@@ -361,3 +368,8 @@ async def test_cancel_after_first_response(stub: Any, service: InteropService) -
     assert code == grpc.StatusCode.CANCELLED
     await seen_by_backend(service.cancelled["FullDuplexCall"], "the cancel")
     assert service.cancels == {"FullDuplexCall": 1}
+
+
+async def test_the_case_runs_on_the_loop_its_id_names(request: pytest.FixtureRequest) -> None:
+    wanted = "uvloop" if "uvloop" in request.node.callspec.id else "asyncio"
+    assert loops.loop_name(asyncio.get_running_loop()) == wanted

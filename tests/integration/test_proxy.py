@@ -36,6 +36,8 @@ from tests.integration.support import (
 
 #: The frame relay counts every stream; health checks would add their own.
 NO_CHECKS = {"health_check": {"mode": "none"}}
+# No stream but the test's own reaches the backend: no health checks, no reflection.
+QUIET = {**NO_CHECKS, "reflection": False}
 
 MiB = 1024 * 1024
 KINDS = pytest.mark.parametrize("methods", [ALL_KINDS, {}], ids=["kinds-known", "kinds-unknown"])
@@ -396,7 +398,7 @@ async def test_a_client_that_vanishes_mid_stream_cancels_the_backend_call() -> N
     async with (
         echo_backends(backend) as (addr,),
         frame_relay(addr) as (relay, events),
-        Gateway(config([relay], cluster=NO_CHECKS)) as gateway,
+        Gateway(config([relay], cluster=QUIET)) as gateway,
     ):
         channel = aio.insecure_channel(gateway.addresses[0])
         stub = echo_pb2_grpc.EchoStub(channel)  # type: ignore[no-untyped-call]
@@ -425,7 +427,7 @@ async def test_a_client_cancel_mid_upload_reaches_the_backend_as_a_cancel_not_an
     async with (
         echo_backends(backend) as (addr,),
         frame_relay(addr) as (relay, events),
-        through(config([relay], methods=methods, cluster=NO_CHECKS)) as t,
+        through(config([relay], methods=methods, cluster=QUIET)) as t,
     ):
         for _ in range(10):
             queue: asyncio.Queue[object] = asyncio.Queue()

@@ -126,7 +126,7 @@ async def test_ten_reloads_under_8_callers_lose_no_call(tmp_path: Path, workers:
 
         config_id = write(0)
         args = ["--config", str(path), "--workers", str(workers)]
-        with lbgw_process(*args) as lbgw:
+        async with lbgw_process(*args) as lbgw:
             await applied(lbgw, config_id, workers)
             callers = Callers(main)
             callers.start()
@@ -165,7 +165,7 @@ async def test_a_broken_config_on_sighup_keeps_serving_and_names_the_key(
     path = tmp_path / "lbgw.toml"
     async with echo_backends(a) as (addr_a,):
         path.write_text(toml(["127.0.0.1:0"], {addr_a: 1}))
-        with lbgw_process("--config", str(path), "--workers", str(workers)) as lbgw:
+        async with lbgw_process("--config", str(path), "--workers", str(workers)) as lbgw:
             path.write_text(toml(["127.0.0.1:0"], {addr_a: 0}))  # weight 0: invalid
             lbgw.process.send_signal(signal.SIGHUP)
             async with asyncio.timeout(15):
@@ -193,7 +193,7 @@ async def test_a_reload_changes_the_number_of_workers(tmp_path: Path) -> None:
     async with echo_backends(a) as (addr_a,):
         text = toml([main], {addr_a: 1})
         path.write_text(text.replace("[server]\n", "[server]\nworkers = 2\n"))
-        with lbgw_process("--config", str(path)) as lbgw:
+        async with lbgw_process("--config", str(path)) as lbgw:
             await applied(lbgw, config_hash(path.read_bytes()), 2)
             callers = Callers(main)
             callers.start()

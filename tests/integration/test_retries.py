@@ -1,12 +1,12 @@
 """Safe retries through a real gateway: what is retried, where, and what never is.
 
 A failed attempt is retried on a different endpoint only while nothing of
-the response has reached the client and, for request streams, before lbgw
-has read the client's stream. Backends are real grpc.aio servers on
-127.0.0.1; active checks are off (``mode = "none"``) so that the endpoints
-stay in rotation and every attempt is the one under test. With two
-endpoints and ``swrr``, a gateway's first call goes to the first endpoint,
-which is the failing one in each test.
+the response has reached the client and, for request streams, while the
+retry buffer holds all the client sent (tests/integration/test_replay.py).
+Backends are real grpc.aio servers on 127.0.0.1; active checks are off
+(``mode = "none"``) so that the endpoints stay in rotation and every
+attempt is the one under test. With two endpoints and ``swrr``, a gateway's
+first call goes to the first endpoint, which is the failing one in each test.
 """
 
 from __future__ import annotations
@@ -219,17 +219,14 @@ async def test_a_request_stream_refused_before_lbgw_reads_it_is_retried(method: 
             assert await settle(t.gateway) == [0, 0]
 
 
-@STREAMING_REQUESTS
-async def test_a_request_stream_failing_after_messages_flowed_is_not_retried(
-    method: str,
-) -> None:
+async def test_a_bidi_stream_failing_after_a_response_was_relayed_is_not_retried() -> None:
     bad, good = Failing("bad", after=1), EchoBackend("good")
     async with (
         echo_backends(bad, good) as addrs,
         through(config(addrs, cluster=ONLY_RETRIES)) as t,
     ):
         with pytest.raises(aio.AioRpcError) as info:
-            await _call(t.stub, method, 3)
+            await _call(t.stub, "Bidi", 3)
         assert info.value.code() is grpc.StatusCode.UNAVAILABLE
         assert info.value.details() == "bad fails"
         assert (bad.seen.calls, good.seen.calls) == (1, 0)

@@ -18,8 +18,8 @@ from grpc import aio
 
 from lbgw.pb import echo_pb2_grpc
 from lbgw.testing import EchoBackend, echo_registrar
-from tests.integration.support import UNARY, echo_backends, request
-from tests.integration.tls_support import Pki, client_credentials, lbgw_serving, serve_tls
+from tests.integration.support import UNARY, echo_backends, lbgw_process, request
+from tests.integration.tls_support import Pki, client_credentials, serve_tls
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -95,7 +95,7 @@ async def test_serve_quick_form_mtls_on_both_sides(tmp_path: Path) -> None:
             "--backend-ca", str(pki.ca_file), "--backend-server-name", "backend.example",
             "--backend-cert", str(lbgw_client.cert), "--backend-key", str(lbgw_client.key),
         ]  # fmt: skip
-        with lbgw_serving(*args) as lbgw:
+        async with lbgw_process(*args, timeout=60) as lbgw:
             creds = client_credentials(pki.ca_file, client)
             async with aio.secure_channel(lbgw.address, creds) as channel:
                 stub = echo_pb2_grpc.EchoStub(channel)  # type: ignore[no-untyped-call]
@@ -132,7 +132,7 @@ async def test_serve_with_workers_keeps_tls_on_every_worker(tmp_path: Path) -> N
             "--listen", "127.0.0.1:0", "--backend", backend, "--workers", "2", "--grace", "1",
             "--tls-cert", str(listener.cert), "--tls-key", str(listener.key),
         ]  # fmt: skip
-        with lbgw_serving(*args) as lbgw:
+        async with lbgw_process(*args, timeout=60) as lbgw:
             async with aio.secure_channel(lbgw.address, client_credentials(pki.ca_file)) as ch:
                 stub = echo_pb2_grpc.EchoStub(ch)  # type: ignore[no-untyped-call]
                 replies = [(await stub.Unary(request(), timeout=30)).backend for _ in range(4)]

@@ -55,7 +55,8 @@ STRATEGIES = [
     ("least_request", [1, 1, 1]),
     ("ewma", [1, 2, 3]),
 ]
-NO_CHECKS: dict[str, Any] = {"health_check": {"mode": "none"}}
+# No call but the test's own reaches a backend: no health checks, no reflection.
+NO_CHECKS: dict[str, Any] = {"health_check": {"mode": "none"}, "reflection": False}
 TRACESTATE = "lbgw=t61rcWkgMzE,other=x"
 BAGGAGE = "user=alice,tier=gold"
 

@@ -8,20 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import os
-import signal
 import socket
 import ssl
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from queue import Empty, Queue
-from typing import Any
 
 import grpc
 import trustme
@@ -155,69 +147,3 @@ def presented_serial(address: str, ca: Path, pair: Pair | None = None) -> int:
         der = tls.getpeercert(binary_form=True)
     assert der is not None
     return x509.load_der_x509_certificate(der).serial_number
-
-
-@dataclass
-class Served:
-    """An ``lbgw serve`` process, its address once it listens, and its log lines so far."""
-
-    process: subprocess.Popen[str]
-    address: str
-    lines: list[dict[str, Any]]
-    reader: threading.Thread
-
-    def wait(self, timeout: float) -> int:
-        code = self.process.wait(timeout)
-        self.reader.join(timeout)
-        return code
-
-
-@contextlib.contextmanager
-def lbgw_serving(*args: str, timeout: float = 60.0) -> Iterator[Served]:
-    """``python -m lbgw serve ARGS``; yields once it logs ``listening``. Killed by PID at exit.
-
-    One thread reads stderr line by line into a queue. (``support.lbgw_process``
-    waits with a selector on the pipe, then ``readline``s a buffered text
-    stream: lines that arrive together sit in Python's buffer while the
-    selector waits on an empty pipe, so a ``listening`` line that comes right
-    after others can be missed. lbgw with TLS logs two certificate lines just
-    before it listens.)
-    """
-    process = subprocess.Popen(
-        [sys.executable, "-m", "lbgw", "serve", *args, "--log-format", "json"],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines: list[dict[str, Any]] = []
-    queue: Queue[dict[str, Any] | None] = Queue()
-
-    def read() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
-            with contextlib.suppress(ValueError):
-                event = json.loads(line)
-                lines.append(event)
-                queue.put(event)
-        queue.put(None)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                event = queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except Empty:
-                event = None
-            if event is None:
-                raise AssertionError(f"lbgw did not report listening within {timeout}s: {lines}")
-            if event.get("event") == "listening":
-                break
-        yield Served(process, event["address"], lines, reader)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-        process.wait(timeout=10)
-        reader.join(10)
-        if process.stderr is not None:
-            process.stderr.close()

@@ -355,6 +355,11 @@ def test_quick_form_defaults_and_listen() -> None:
     )
     assert config.listeners == (ListenerConfig("0.0.0.0:0"), ListenerConfig("[::1]:50051"))
     assert config.clusters[0].strategy == "swrr"
+    assert config.clusters[0].reflection is True  # best effort, on by default
+
+
+def test_quick_form_no_reflection_turns_it_off() -> None:
+    config = serve_config(["--backend", "127.0.0.1:1", "--no-reflection"])
     assert config.clusters[0].reflection is False
 
 
@@ -459,3 +464,9 @@ def test_quick_form_hashing_errors_name_the_flag(
     code, _, err = run(["serve", "--backend", "127.0.0.1:1", *argv], capsys)
     assert code == 2
     assert err.startswith(f"lbgw: config error: command line: --hash-key: expected {expected}")
+
+
+def test_event_loop_flag_overrides_either_form() -> None:
+    assert serve_config(["--backend", "127.0.0.1:1"]).event_loop == "auto"
+    config = serve_config(["--backend", "127.0.0.1:1", "--event-loop", "asyncio"])
+    assert config.event_loop == "asyncio"

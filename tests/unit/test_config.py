@@ -186,7 +186,9 @@ def test_minimal_config_takes_the_defaults(tmp_path: Path) -> None:
     assert cluster.params == StrategyParams(
         decay=10.0, default_rtt=0.03, choice="p2c", active_request_bias=1.0, seed=None
     )
-    assert (cluster.channel_options, cluster.methods, cluster.reflection) == ((), (), False)
+    assert (cluster.channel_options, cluster.methods, cluster.reflection) == ((), (), True)
+    assert cluster.descriptor_sets == ()
+    assert cluster.retries.retry_buffer_bytes == 1024 * 1024  # Envoy's per-request limit
 
 
 def test_a_single_cluster_without_routes_gets_one_default_route(tmp_path: Path) -> None:
@@ -295,13 +297,13 @@ BAD: list[tuple[str, str, str, str]] = [
         "unknown server key",
         MINIMAL + "[server]\ngrace = 1\n",
         "server.grace",
-        "one of the keys drain_delay, grace_period, workers",
+        "one of the keys drain_delay, event_loop, grace_period, workers",
     ),
     (
         "unknown cluster key",
         LISTENER + '[clusters.api]\nendpoint = ["h:1"]\n',
         "clusters.api.endpoint",
-        "one of the keys channel_options, dns, endpoints, health_check, methods, "
+        "one of the keys channel_options, descriptor_sets, dns, endpoints, health_check, methods, "
         "outlier_detection, panic_threshold, params, reflection, retries, slow_start, sticky, "
         "strategy",
     ),
@@ -955,7 +957,7 @@ def test_health_defaults_are_envoy_like(tmp_path: Path) -> None:
     )
     assert cluster.slow_start.window == 0
     assert cluster.retries == RetryConfig(
-        max_attempts=2, budget_percent=20, min_retry_concurrency=3
+        max_attempts=2, budget_percent=20, min_retry_concurrency=3, retry_buffer_bytes=1048576
     )
     assert cluster.panic_threshold == 0
     assert config.routes[0].retry_on == (grpc.StatusCode.UNAVAILABLE,)
