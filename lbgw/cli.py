@@ -155,6 +155,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds between health checks (default 5; quick form)",
     )
+    serve.add_argument(
+        "--max-requests",
+        type=int,
+        metavar="N",
+        help="circuit breaker: calls in flight to the cluster before it refuses more "
+        "with UNAVAILABLE (default 1024, Envoy's; quick form)",
+    )
     serve.add_argument("--workers", type=int, metavar="N", help="worker processes (default 1)")
     serve.add_argument("--grace", type=float, metavar="SECONDS", help="drain time on SIGTERM")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
@@ -186,6 +193,7 @@ def _serve_config(args: argparse.Namespace) -> Config:  # noqa: PLR0912, PLR0915
         or args.health_check
         or args.health_interval is not None
         or args.hash_key
+        or args.max_requests is not None
     )
     if args.config and quick:
         raise ConfigError(
@@ -245,6 +253,11 @@ def _serve_config(args: argparse.Namespace) -> Config:  # noqa: PLR0912, PLR0915
             health["interval"] = interval
         if health:
             cluster["health_check"] = health
+        if args.max_requests is not None:
+            if not 1 <= args.max_requests <= 2**31 - 1:
+                expected = "an integer from 1 to 2^31-1"
+                raise ConfigError("command line", "--max-requests", expected, args.max_requests)
+            cluster["circuit_breakers"] = {"max_requests": args.max_requests}
         config = config_from_mapping(
             {
                 "listeners": [{"address": a} for a in (args.listen or ["127.0.0.1:50051"])],

@@ -36,6 +36,7 @@ import grpc
 from lbgw.affinity import Affinity
 from lbgw.backends import Backend, channel_options
 from lbgw.balancer import Balancer
+from lbgw.breakers import CircuitBreaker
 from lbgw.config import (
     STICKY_SECRET_ENV,
     ClusterConfig,
@@ -111,6 +112,7 @@ class Cluster:
         "_options",
         "affinity",
         "balancer",
+        "breaker",
         "budget",
         "checker",
         "config",
@@ -143,6 +145,7 @@ class Cluster:
         self.kinds: dict[str, MethodKind] = dict(config.methods)
         self.retries = config.retries
         self.budget = RetryBudget(config.retries)
+        self.breaker = CircuitBreaker(config.name, config.circuit_breakers)
         self._options = list(options)
         self._grace = grace
         self._leaving: set[Endpoint] = set()  # removed, with calls still in flight

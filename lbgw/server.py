@@ -20,6 +20,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2_grpc
 
 from lbgw import _grpc_private
+from lbgw.admission import Admission, listener_options
 from lbgw.cluster import Cluster, Target, build_cluster
 from lbgw.config import Config, RouteConfig, parse_address
 from lbgw.exceptions import StartError
@@ -43,8 +44,7 @@ def server_options(config: Config, *, reuse_port: bool) -> list[tuple[str, Any]]
         # gateway bind the same port silently; only --workers shares a port.
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
-    if limits.max_concurrent_streams is not None:
-        options.append(("grpc.max_concurrent_streams", limits.max_concurrent_streams))
+    options.extend(listener_options(limits))
     return options
 
 
@@ -107,7 +107,13 @@ class Gateway:
         def target(route: RouteConfig) -> Target:
             return Target.of(route, clusters)
 
-        self.proxy = Proxy(Router(config.routes, target), clusters.values(), self.telemetry)
+        self.proxy = Proxy(
+            Router(config.routes, target),
+            clusters.values(),
+            self.telemetry,
+            admission=Admission(config.limits.max_calls_in_flight),
+            header_timeout=config.limits.request_header_timeout,
+        )
         # lbgw's own health service comes first, so its calls are never forwarded.
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         server.add_generic_rpc_handlers((self.proxy,))
