@@ -76,7 +76,7 @@ class RawH2:
         config = h2.config.H2Configuration(client_side=True, header_encoding=None)
         self.conn = h2.connection.H2Connection(config=config)
         self.streams: dict[int, Stream] = {}
-        self.goaway: int | None = None  # the error code of a GOAWAY received
+        self.goaway: int | None = None  # the error code of the first GOAWAY received
         self.closed = asyncio.Event()  # the server closed the socket
         self._reading: asyncio.Task[None] | None = None
 
@@ -184,7 +184,7 @@ class RawH2:
                     self.conn.acknowledge_received_data(event.flow_controlled_length, sid)
         elif isinstance(event, h2.events.StreamReset) and stream is not None:
             stream.reset = int(event.error_code) if event.error_code is not None else 0
-        elif isinstance(event, h2.events.ConnectionTerminated):
+        elif isinstance(event, h2.events.ConnectionTerminated) and self.goaway is None:
             self.goaway = int(event.error_code) if event.error_code is not None else 0
         if isinstance(event, h2.events.StreamEnded | h2.events.StreamReset) and stream is not None:
             stream.ended.set()
