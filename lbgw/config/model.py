@@ -373,10 +373,12 @@ class Limits:
     max_send_message_bytes: int = field(
         default=DEFAULT_MAX_MESSAGE_BYTES, metadata=spec(low=1, high=MAX_MESSAGE_BYTES)
     )
-    #: Per client connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS): NGINX's default,
-    #: 128. A C int, as gRPC's channel argument. With gRPC's overload protection, a
-    #: stream counts until lbgw has let go of it, so a connection's reset streams do too.
-    max_concurrent_streams: int = field(default=128, metadata=spec(low=1, high=2**31 - 1))
+    #: Per client connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); a C int, as gRPC's
+    #: channel argument. With gRPC's overload protection, a stream counts until lbgw has
+    #: let go of it, so reset streams count too (rapid reset). Not NGINX's 128: a gRPC
+    #: client opens a burst before it learns the limit, and past it streams are refused
+    #: (docs/limits.md has the measurements).
+    max_concurrent_streams: int = field(default=1000, metadata=spec(low=1, high=2**31 - 1))
     # -- connections and calls: lbgw's own limits, per listener connection (docs/limits.md)
     #: Seconds a client connection may stay without a call before lbgw sends GOAWAY
     #: (gRPC's MAX_CONNECTION_IDLE); NGINX's keepalive_timeout, 75. 0: no limit.

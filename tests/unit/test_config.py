@@ -178,7 +178,7 @@ def test_minimal_config_takes_the_defaults(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, MINIMAL))
     assert config.grace_period == 10.0
     assert config.workers == 1
-    assert config.limits == Limits(4 * 1024 * 1024, 4 * 1024 * 1024, 128)
+    assert config.limits == Limits(4 * 1024 * 1024, 4 * 1024 * 1024, 1000)
     assert config.log == LogConfig("info", "json")
     (cluster,) = config.clusters
     assert cluster == ClusterConfig("api", (EndpointConfig("127.0.0.1:50061", 1),))

@@ -59,7 +59,7 @@ def test_the_gateway_cap_refuses_with_resource_exhausted_naming_the_limit() -> N
 
 def test_listener_options_follow_the_limits() -> None:
     options = dict(listener_options(Limits()))
-    assert options["grpc.max_concurrent_streams"] == 128  # NGINX's
+    assert options["grpc.max_concurrent_streams"] == 1000
     assert options["grpc.max_connection_idle_ms"] == 75_000  # NGINX's keepalive_timeout
     assert options["grpc.max_connection_age_ms"] == 3_600_000  # NGINX's keepalive_time
     assert "grpc.max_connection_age_grace_ms" not in options  # gRPC's: no limit
