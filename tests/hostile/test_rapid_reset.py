@@ -47,7 +47,14 @@ async def test_a_good_client_loses_no_call_to_a_rapid_reset_beside_it() -> None:
     async with echo_backends(backend) as (address,):
         methods = [f"--method={m}={k}" for m, k in ALL_KINDS.items()]
         with lbgw_process(
-            "--listen", "127.0.0.1:0", "--backend", address, "--health-check", "none", *methods
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            address,
+            "--health-check",
+            "none",
+            *methods,
+            timeout=90,  # a loaded machine can take long to start a process
         ) as lbgw:
             async with aio.insecure_channel(lbgw.address) as channel:
                 stub = echo_pb2_grpc.EchoStub(channel)  # type: ignore[no-untyped-call]

@@ -49,7 +49,14 @@ async def test_unread_server_streams_hold_bounded_memory_and_give_it_back() -> N
     async with echo_backends(backend) as (address,):
         methods = [f"--method={m}={k}" for m, k in ALL_KINDS.items()]
         with lbgw_process(
-            "--listen", "127.0.0.1:0", "--backend", address, "--health-check", "none", *methods
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            address,
+            "--health-check",
+            "none",
+            *methods,
+            timeout=90,  # a loaded machine can take long to start a process
         ) as lbgw:
             peaks = []
             for _ in range(2):  # a second attack must not add to the first
