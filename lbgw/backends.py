@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from lbgw.admission import FLOW_CONTROL
 from lbgw.config import ClusterConfig, Limits
 from lbgw.keepalive import keepalive_options
 
@@ -36,6 +37,9 @@ def channel_options(cluster: ClusterConfig, limits: Limits) -> list[tuple[str, A
         # gRPC's process-wide subchannel pool with another cluster's.
         ("grpc.use_local_subchannel_pool", 1),
     ):
+        if name not in names:
+            options.append((name, value))
+    for name, value in FLOW_CONTROL:  # the receive window: bounded memory per stream
         if name not in names:
             options.append((name, value))
     # HTTP/2 keepalive, chosen so a default gRPC server never answers

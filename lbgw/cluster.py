@@ -38,6 +38,7 @@ import grpc
 from lbgw.affinity import Affinity
 from lbgw.backends import Backend, channel_options
 from lbgw.balancer import Balancer
+from lbgw.breakers import CircuitBreaker
 from lbgw.config import (
     STICKY_SECRET_ENV,
     ClusterConfig,
@@ -119,6 +120,7 @@ class Cluster:
         "_options",
         "affinity",
         "balancer",
+        "breaker",
         "budget",
         "checker",
         "config",
@@ -166,6 +168,7 @@ class Cluster:
         self.learner = KindLearner(self.name, self._reflected)
         self.retries = config.retries
         self.budget = RetryBudget(config.retries)
+        self.breaker = CircuitBreaker(config.name, config.circuit_breakers)
         self._options = list(options)
         self._credentials = credentials  # TLS to the endpoints; None: plaintext
         #: The TLS files behind ``_credentials`` (the gateway watches them); None: plaintext.

@@ -17,6 +17,7 @@ from typing import ClassVar, Final
 import grpc
 
 __all__ = [
+    "CircuitBreakerOpenError",
     "ConfigError",
     "EndpointUnreachableError",
     "GatewayError",
@@ -24,6 +25,8 @@ __all__ = [
     "LbgwError",
     "NoEligibleEndpointError",
     "NoRouteError",
+    "OverloadedError",
+    "RequestHeaderTimeoutError",
     "StartError",
 ]
 
@@ -116,3 +119,36 @@ class EndpointUnreachableError(GatewayError):
         super().__init__(
             f"lbgw: endpoint {address} of cluster {cluster!r} is unreachable: {details}"
         )
+
+
+class OverloadedError(GatewayError):
+    """The gateway is at one of its own limits (``[limits]``): the call is refused at once."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, limit: str, value: int) -> None:
+        self.limit = limit
+        self.value = value
+        super().__init__(f"lbgw: gateway overloaded: {limit} {value}")
+
+
+class CircuitBreakerOpenError(GatewayError):
+    """A cluster's circuit breaker is open (Envoy's): the call is refused and not retried."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, cluster: str, limit: str, value: int) -> None:
+        self.cluster = cluster
+        self.limit = limit
+        self.value = value
+        super().__init__(f"lbgw: cluster {cluster!r} circuit breaker open: {limit} {value}")
+
+
+class RequestHeaderTimeoutError(GatewayError):
+    """A stream sent its HEADERS and nothing more within ``request_header_timeout``."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        super().__init__(f"lbgw: no request message within request_header_timeout ({seconds:g} s)")

@@ -44,6 +44,14 @@ gives) is retried on a different endpoint when all of these hold:
 
 The retry's pick never returns the endpoint that failed, and leaves that
 endpoint's place in the kernel's schedule alone (``pick_excluding``).
+
+Before its first attempt, a call passes two limits, decided without I/O
+(``forward``): the gateway's cap on calls in flight (``admission.Admission``,
+``RESOURCE_EXHAUSTED`` past it) and its cluster's circuit breaker
+(``breakers.CircuitBreaker``, ``UNAVAILABLE``, never retried). A stream
+lbgw reads that sends nothing after its HEADERS, while the backend sends no
+response headers either, is ended after ``request_header_timeout`` with
+``DEADLINE_EXCEEDED`` (``_expire``).
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ import grpc
 from grpc import aio
 
 from lbgw._grpc_private import send_message
+from lbgw.admission import Admission
 from lbgw.cluster import Cluster, Target
 from lbgw.config import MethodKind, TracingConfig
 from lbgw.endpoints import Endpoint
@@ -67,6 +76,7 @@ from lbgw.exceptions import (
     GatewayError,
     NoEligibleEndpointError,
     NoRouteError,
+    RequestHeaderTimeoutError,
 )
 from lbgw.logs import fields
 from lbgw.replay import ClientStream
@@ -137,18 +147,24 @@ class Proxy(grpc.GenericRpcHandler):
     kinds, never a client.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - the router, the clusters, and what each call takes
         self,
         router: Router[Target],
         clusters: Iterable[Cluster],
         telemetry: Telemetry | None = None,
         *,
         identity: ClientIdentity | None = None,
+        admission: Admission | None = None,
+        header_timeout: float = 0.0,
     ) -> None:
-        """``identity``: add the client certificate's XFCC to forwarded calls (issue 14)."""
+        """``identity``: add the client certificate's XFCC to forwarded calls (issue 14);
+        ``admission``: the gateway's cap on calls (None: no cap); ``header_timeout``:
+        ``request_header_timeout`` in seconds (0: none)."""
         self._router = router
         self._telemetry = telemetry or Telemetry(TracingConfig(exporter="none"))
         self._identity = identity
+        self.admission = admission or Admission(2**62)
+        self._header_timeout = header_timeout
         self._known: dict[str, _Handler] = {}
         self._recent: collections.OrderedDict[str, _Handler] = collections.OrderedDict()
         for cluster in clusters:
@@ -207,7 +223,15 @@ class Proxy(grpc.GenericRpcHandler):
 
     def _build(self, target: Target, method: str) -> _Handler:
         kind = target.cluster.kinds.get(method)
-        forward = _forwarder(target, method, kind, self._telemetry, self._identity)
+        forward = _forwarder(
+            target,
+            method,
+            kind,
+            self._telemetry,
+            self._identity,
+            admission=self.admission,
+            header_timeout=self._header_timeout,
+        )
         if kind is MethodKind.UNARY:  # gRPC's fast path
             return grpc.unary_unary_rpc_method_handler(forward)
         if kind is MethodKind.CLIENT_STREAMING:
@@ -278,14 +302,18 @@ class _Progress:
     retry could lose what was read. ``relayed``: something of the response
     has reached the client. ``headers_ns``: when the backend's response
     headers came (0: not yet), the latency a stream's balancer observes.
+    ``heard``: the client's stream has sent a message or ended;
+    ``expired``: it had not when ``request_header_timeout`` ran out.
     """
 
-    __slots__ = ("headers_ns", "read", "relayed")
+    __slots__ = ("expired", "headers_ns", "heard", "read", "relayed")
 
     def __init__(self) -> None:
         self.read = False
         self.relayed = False
         self.headers_ns = 0
+        self.heard = False
+        self.expired = False
 
 
 class _Unary(_Progress):
@@ -331,16 +359,19 @@ async def _feed(
         await call.wait_for_connection()
         progress.read = True  # from here on, a retry needs the buffer
         for held in buffer.messages if buffer.replayable else ():
+            progress.heard = True
             if call.done() or not await send_message(call, held):
                 return
         while not buffer.ended:
             message = await requests.read()
             if message is None:
                 break
+            progress.heard = True
             if progress.relayed and not buffer.released:
                 buffer.release()
             if call.done() or not await send_message(call, message):
                 return
+        progress.heard = True
         await asyncio.sleep(0)
         if not handler.cancelling() and not call.done():
             await call.done_writing()
@@ -386,6 +417,31 @@ def _replayable(stream: ClientStream, error: aio.AioRpcError) -> bool:
     return True
 
 
+def _expire(call: Any, feeder: asyncio.Task[None], progress: _Progress) -> None:
+    """``request_header_timeout`` ran out: end the stream if nothing came either way.
+
+    A stream that sent HEADERS and nothing more holds a backend call and a
+    stream slot for as long as its client likes; one whose backend has sent
+    response headers is talking, and is left alone. Cancelling the backend
+    call wakes the handler, which ends the client's call with
+    ``DEADLINE_EXCEEDED`` (``RequestHeaderTimeoutError``).
+    """
+    if progress.heard or progress.headers_ns or call.done():
+        return
+    progress.expired = True
+    feeder.cancel()
+    call.cancel()
+
+
+def _cancelling(timer: asyncio.TimerHandle) -> Callable[[asyncio.Task[None]], None]:
+    """A done callback that cancels ``timer``: the feeder is over, nothing left to expire."""
+
+    def cancel(_: asyncio.Task[None]) -> None:
+        timer.cancel()
+
+    return cancel
+
+
 def _end(call: Any, feeder: asyncio.Task[None] | None) -> None:
     if feeder is not None and not feeder.done():
         feeder.cancel()
@@ -415,7 +471,7 @@ def _retry_to(  # noqa: PLR0913 - what the retry decision reads, named
     remaining = context.time_remaining()
     if remaining is not None and remaining <= 0:
         return None
-    if not budget.may_retry():
+    if not budget.may_retry() or not cluster.breaker.start_retry():
         return None
     try:
         if traced is None:
@@ -423,6 +479,7 @@ def _retry_to(  # noqa: PLR0913 - what the retry decision reads, named
         else:
             to = traced.pick(attempt + 1, e, code.name)
     except NoEligibleEndpointError:
+        cluster.breaker.end_retry()
         return None
     if attempt == 1:
         budget.retrying += 1
@@ -439,6 +496,16 @@ def _retry_to(  # noqa: PLR0913 - what the retry decision reads, named
             ),
         )
     return to
+
+
+async def _refuse_early(
+    context: _Context, error: GatewayError, telemetry: Telemetry, method: str
+) -> None:
+    """End a call that a limit refuses before any attempt (its server span too, if traced)."""
+    if telemetry.enabled:
+        parent = telemetry.extract(context.invocation_metadata())
+        end_span(telemetry.server_span(method, context.peer(), parent), error.code, str(error))
+    await context.abort(error.code, str(error))
 
 
 async def _refuse(context: _Context, traced: TracedCall | None, error: GatewayError) -> None:
@@ -479,12 +546,15 @@ def _multicallable(e: Endpoint, key: str, method: str, kind: MethodKind | None) 
     return call
 
 
-def _forwarder(  # noqa: PLR0915 - the attempt loop, inline: it runs on every call
+def _forwarder(  # noqa: PLR0913, PLR0915 - the attempt loop, inline: it runs on every call
     target: Target,
     method: str,
     kind: MethodKind | None,
     telemetry: Telemetry,
     identity: ClientIdentity | None = None,
+    *,
+    admission: Admission,
+    header_timeout: float,
 ) -> Callable[[Any, _Context], Awaitable[Any]]:
     """The handler of ``method``: one attempt loop for every call kind.
 
@@ -509,8 +579,30 @@ def _forwarder(  # noqa: PLR0915 - the attempt loop, inline: it runs on every ca
     buffer_limit = cluster.retries.retry_buffer_bytes if cluster.retries.max_attempts > 1 else 0
     # Only a unary request with a unary response makes no progress worth a record.
     tracks_progress = streaming_request or not unary_response
+    admit, release = admission.admit, admission.release
+    breaker = cluster.breaker
+    start_request, end_request = breaker.start_request, breaker.end_request
+    start_pending, end_pending = breaker.start_pending, breaker.end_pending
+    timed = streaming_request and header_timeout > 0
+    _EXPIRED = RequestHeaderTimeoutError(header_timeout)  # noqa: N806 - a constant
 
-    async def forward(request: Any, context: _Context) -> Any:  # noqa: PLR0912, PLR0915
+    async def forward(request: Any, context: _Context) -> Any:
+        """The call's limits, then its attempts (``attempts``)."""
+        overloaded = admit()
+        if overloaded is not None:
+            return await _refuse_early(context, overloaded, telemetry, method)
+        try:
+            broken = start_request()
+            if broken is not None:
+                return await _refuse_early(context, broken, telemetry, method)
+            try:
+                return await attempts(request, context)
+            finally:
+                end_request()
+        finally:
+            release()
+
+    async def attempts(request: Any, context: _Context) -> Any:  # noqa: PLR0912, PLR0915
         tr = TracedCall(telemetry, target, method, context) if traced else None
         try:
             e = pick(context, method).endpoint if tr is None else tr.pick(1, None, None)
@@ -530,9 +622,17 @@ def _forwarder(  # noqa: PLR0915 - the attempt loop, inline: it runs on every ca
                 start = clock()
                 latency: int | None = None
                 call = feeder = None
+                waiting = False
                 progress = _Progress() if tracks_progress else _UNARY
                 code, details = _CANCELLED, _GONE  # this attempt's, until it ends
                 try:
+                    if e.backend is not None and e.backend.unreachable():
+                        # A call waiting for a connection: Envoy's "pending request".
+                        refused = start_pending()
+                        if refused is not None:
+                            code, details = refused.code, str(refused)
+                            await context.abort(code, details)
+                        waiting = True
                     sent = metadata if tr is None else tr.metadata(metadata)
                     multicallable = e.calls.get(key) or _multicallable(e, key, method, kind)
                     timeout = context.time_remaining()
@@ -541,6 +641,11 @@ def _forwarder(  # noqa: PLR0915 - the attempt loop, inline: it runs on every ca
                         handler = asyncio.current_task()
                         assert handler is not None  # grpc.aio runs every handler in a task
                         feeder = asyncio.ensure_future(_feed(call, stream, handler, progress))
+                        if timed:
+                            expiry = asyncio.get_running_loop().call_later(
+                                header_timeout, _expire, call, feeder, progress
+                            )
+                            feeder.add_done_callback(_cancelling(expiry))
                     else:
                         call = multicallable(request, metadata=sent, timeout=timeout)
                     token = e.token if sticky else None
@@ -563,6 +668,13 @@ def _forwarder(  # noqa: PLR0915 - the attempt loop, inline: it runs on every ca
                         context.set_trailing_metadata(trailing)
                     code, details = _OK, None
                     return response
+                except asyncio.CancelledError:
+                    # The backend call was cancelled under the handler: by _expire?
+                    task = asyncio.current_task()
+                    if not progress.expired or task is None or task.cancelling():
+                        raise
+                    code, details = _EXPIRED.code, str(_EXPIRED)
+                    await context.abort(code, details)
                 except aio.AioRpcError as error:
                     code = error.code()
                     if _observed(error, e):
@@ -583,6 +695,10 @@ def _forwarder(  # noqa: PLR0915 - the attempt loop, inline: it runs on every ca
                 finally:
                     _end(call, feeder)
                     done(e, start, latency)
+                    if waiting:
+                        end_pending()
+                    if attempt > 1:
+                        breaker.end_retry()
                 attempt += 1
                 e = retry_to
         finally:

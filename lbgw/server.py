@@ -23,6 +23,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2_grpc
 
 from lbgw import _grpc_private
+from lbgw.admission import Admission, listener_options
 from lbgw.cluster import Cluster, Target, build_cluster
 from lbgw.config import ClusterConfig, Config, RouteConfig, parse_address
 from lbgw.discovery import DnsDiscovery
@@ -64,8 +65,7 @@ def server_options(config: Config, *, reuse_port: bool) -> list[tuple[str, Any]]
         # (A single gateway binds with it too, after a probe: ``_probe``.)
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
-    if limits.max_concurrent_streams is not None:
-        options.append(("grpc.max_concurrent_streams", limits.max_concurrent_streams))
+    options.extend(listener_options(limits))
     return options
 
 
@@ -105,6 +105,8 @@ class Gateway:
         self.reload_failures = 0  # reloads refused or failed, since start
         #: TLS (issue 14): the certificates in use and the reloads, for the operator's view.
         self.tls = TlsState()
+        #: The gateway-wide cap on calls in flight (``[limits] max_calls_in_flight``).
+        self.admission = Admission(config.limits.max_calls_in_flight)
         self.listener_tls: dict[str, ServerTls] = {}  # by listener address as configured
         self.cluster_tls: dict[str, ClientTls] = {}
         self._tls_poll_interval = tls_poll_interval
@@ -254,11 +256,16 @@ class Gateway:
             return Target.of(route, clusters)
 
         identity = client_identity(config)
+        # One cap for the gateway, kept across reloads: calls in flight under the
+        # old proxy still count.
+        self.admission.set_limit(config.limits.max_calls_in_flight)
         return Proxy(
             Router(config.routes, target),
             clusters.values(),
             self.telemetry,
             identity=identity if identity is not None and identity.forward else None,
+            admission=self.admission,
+            header_timeout=config.limits.request_header_timeout,
         )
 
     async def _serve(self, config: Config, listener: str, address: str) -> tuple[aio.Server, str]:

@@ -7,11 +7,13 @@ defaults. Layout of the TOML file::
 
     [server]      grace_period, drain_delay, workers, event_loop  (fields of Config)
     [[listeners]] address
-    [limits]      max_receive_message_bytes, max_send_message_bytes, max_concurrent_streams
+    [limits]      max_receive_message_bytes, max_send_message_bytes, max_concurrent_streams,
+                  max_connection_idle, max_connection_age, max_connection_age_grace,
+                  max_calls_in_flight, request_header_timeout
     [log]         level, format
     [clusters.NAME]  endpoints, strategy, params, channel_options, methods, descriptor_sets,
                      reflection, panic_threshold, and the tables health_check, outlier_detection,
-                     slow_start, retries, sticky, tls, dns (instead of endpoints)
+                     slow_start, retries, sticky, circuit_breakers, tls, dns (instead of endpoints)
     [[routes]]    one of method / service / package / default, cluster, retry_on
     [tracing]     service_name, exporter, endpoint, ... (see TracingConfig)
 """
@@ -104,6 +106,8 @@ _MAX_BSP_MS: Final = 3_600_000  # an hour
 _MAX_BSP_QUEUE: Final = 1_000_000
 #: An hour at most: gRPC turns a deadline years away into DEADLINE_EXCEEDED at once.
 _MAX_HEALTH_SECONDS: Final = 3600
+#: A day at most for the connection and stream limits (gRPC takes milliseconds as a C int).
+_MAX_LIMIT_SECONDS: Final = 86_400
 _EWMA: Final = ("ewma",)
 _SEEDED: Final = ("random", "least_request", "ewma", *HASH_STRATEGIES)
 #: Read as an array of status code names; a code named twice counts once.
@@ -344,6 +348,26 @@ class RetryConfig:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerConfig:
+    """Envoy's circuit breakers for a cluster, with Envoy's defaults.
+
+    Past a limit, a call fails at once with ``UNAVAILABLE`` naming the
+    cluster and the limit, and is not retried (Envoy: "circuit breaking",
+    ``envoy.config.cluster.v3.CircuitBreakers.Thresholds``):
+
+    * ``max_requests``: calls in flight to the cluster (1024);
+    * ``max_pending_requests``: calls waiting for a connection, started while
+      the endpoint's channel was not ready (1024);
+    * ``max_retries``: retries in flight to the cluster (3), beside the retry
+      budget, which bounds them as a share of the calls in flight.
+    """
+
+    max_requests: int = field(default=1024, metadata=spec(low=1, high=2**31 - 1))
+    max_pending_requests: int = field(default=1024, metadata=spec(low=1, high=2**31 - 1))
+    max_retries: int = field(default=3, metadata=spec(low=0, high=2**31 - 1))
+
+
 def _stray_param(strategy: str, takes: list[str]) -> str:
     return f"a parameter of {strategy!r} ({', '.join(takes) or 'no parameters'})"
 
@@ -479,6 +503,7 @@ class ClusterConfig:
     slow_start: SlowStartConfig = field(default_factory=SlowStartConfig)
     retries: RetryConfig = field(default_factory=RetryConfig)
     sticky: StickyConfig = field(default_factory=StickyConfig)
+    circuit_breakers: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
     #: Envoy's panic threshold, in percent: below this share of healthy
     #: endpoints, route to all of them. 0 (the default) turns it off.
     panic_threshold: float = field(default=0.0, metadata=spec(high=100))
@@ -514,8 +539,32 @@ class Limits:
     max_send_message_bytes: int = field(
         default=DEFAULT_MAX_MESSAGE_BYTES, metadata=spec(low=1, high=MAX_MESSAGE_BYTES)
     )
-    #: Per client connection; None: gRPC's default. A C int, as gRPC's channel argument.
-    max_concurrent_streams: int | None = field(default=None, metadata=spec(low=1, high=2**31 - 1))
+    #: Per client connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); a C int, as gRPC's
+    #: channel argument. With gRPC's overload protection, a stream counts until lbgw has
+    #: let go of it, so reset streams count too (rapid reset). Not NGINX's 128: a gRPC
+    #: client opens a burst before it learns the limit, and past it streams are refused
+    #: (docs/limits.md has the measurements).
+    max_concurrent_streams: int = field(default=1000, metadata=spec(low=1, high=2**31 - 1))
+    # -- connections and calls: lbgw's own limits, per listener connection (docs/limits.md)
+    #: Seconds a client connection may stay without a call before lbgw sends GOAWAY
+    #: (gRPC's MAX_CONNECTION_IDLE); NGINX's keepalive_timeout, 75. 0: no limit.
+    max_connection_idle: float = field(default=75.0, metadata=spec(high=_MAX_LIMIT_SECONDS))
+    #: Seconds a client connection may live before lbgw sends GOAWAY, +-10% jitter, so
+    #: that long-lived clients rebalance across replicas (gRPC's MAX_CONNECTION_AGE);
+    #: NGINX's keepalive_time, 3600. 0: no limit.
+    max_connection_age: float = field(default=3600.0, metadata=spec(high=_MAX_LIMIT_SECONDS))
+    #: Seconds the calls on a connection past its age get before it is closed
+    #: (MAX_CONNECTION_AGE_GRACE); unset: gRPC's default, no limit.
+    max_connection_age_grace: float | None = field(
+        default=None, metadata=spec(high=_MAX_LIMIT_SECONDS)
+    )
+    #: Calls in flight in the whole gateway (each worker); past it, RESOURCE_EXHAUSTED.
+    max_calls_in_flight: int = field(default=10_000, metadata=spec(low=1, high=2**31 - 1))
+    #: Seconds a stream lbgw reads (client stream, bidi, a method of unknown kind) may
+    #: stay after its HEADERS with no request message, no end of stream and no response
+    #: headers from the backend; then it ends with DEADLINE_EXCEEDED. NGINX's
+    #: client_header_timeout and client_body_timeout, 60. 0: no limit.
+    request_header_timeout: float = field(default=60.0, metadata=spec(high=_MAX_LIMIT_SECONDS))
 
 
 @dataclass(frozen=True, slots=True)

@@ -178,7 +178,7 @@ def test_minimal_config_takes_the_defaults(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, MINIMAL))
     assert config.grace_period == 10.0
     assert config.workers == 1
-    assert config.limits == Limits(4 * 1024 * 1024, 4 * 1024 * 1024, None)
+    assert config.limits == Limits(4 * 1024 * 1024, 4 * 1024 * 1024, 1000)
     assert config.log == LogConfig("info", "json")
     (cluster,) = config.clusters
     assert cluster == ClusterConfig("api", (EndpointConfig("127.0.0.1:50061", 1),))
@@ -303,7 +303,8 @@ BAD: list[tuple[str, str, str, str]] = [
         "unknown cluster key",
         LISTENER + '[clusters.api]\nendpoint = ["h:1"]\n',
         "clusters.api.endpoint",
-        "one of the keys channel_options, descriptor_sets, dns, endpoints, health_check, methods, "
+        "one of the keys channel_options, circuit_breakers, descriptor_sets, dns, endpoints, "
+        "health_check, methods, "
         "outlier_detection, panic_threshold, params, reflection, retries, slow_start, sticky, "
         "strategy",
     ),
@@ -479,7 +480,8 @@ BAD: list[tuple[str, str, str, str]] = [
         "unknown limit",
         MINIMAL + "[limits]\nmax_message_bytes = 1\n",
         "limits.max_message_bytes",
-        "one of the keys max_concurrent_streams, max_receive_message_bytes",
+        "one of the keys max_calls_in_flight, max_concurrent_streams, max_connection_age, "
+        "max_connection_age_grace, max_connection_idle, max_receive_message_bytes",
     ),
     (
         "log level",
