@@ -64,6 +64,7 @@ from lbgw.exceptions import (
     NoRouteError,
 )
 from lbgw.logs import fields
+from lbgw.metrics import Meter
 from lbgw.routing import Router
 from lbgw.telemetry import Telemetry, TracedCall, end_span
 
@@ -126,9 +127,12 @@ class Proxy(grpc.GenericRpcHandler):
         router: Router[Target],
         clusters: Iterable[Cluster],
         telemetry: Telemetry | None = None,
+        meter: Meter | None = None,
     ) -> None:
+        """``meter``: count calls for the admin port's metrics (None: metrics off)."""
         self._router = router
         self._telemetry = telemetry or Telemetry(TracingConfig(exporter="none"))
+        self._meter = meter
         self._known: dict[str, _Handler] = {}
         self._recent: collections.OrderedDict[str, _Handler] = collections.OrderedDict()
         for cluster in clusters:
@@ -157,7 +161,7 @@ class Proxy(grpc.GenericRpcHandler):
         target = self._router.match(method)
         if target is None:
             return grpc.stream_stream_rpc_method_handler(
-                _reject(NoRouteError(method), self._telemetry, method)
+                _reject(NoRouteError(method), self._telemetry, method, self._meter)
             )
         handler = self._build(target, method)
         self._recent[method] = handler
@@ -174,7 +178,7 @@ class Proxy(grpc.GenericRpcHandler):
 
     def _build(self, target: Target, method: str) -> _Handler:
         kind = target.cluster.kinds.get(method)
-        forward = _forwarder(target, method, kind, self._telemetry)
+        forward = _forwarder(target, method, kind, self._telemetry, self._meter)
         if kind is MethodKind.UNARY:  # gRPC's fast path
             return grpc.unary_unary_rpc_method_handler(forward)
         if kind is MethodKind.CLIENT_STREAMING:
@@ -186,12 +190,14 @@ class Proxy(grpc.GenericRpcHandler):
 
 
 def _reject(
-    error: GatewayError, telemetry: Telemetry, method: str
+    error: GatewayError, telemetry: Telemetry, method: str, meter: Meter | None = None
 ) -> Callable[[Any, _Context], Awaitable[None]]:
     code, message = error.code, str(error)
     traced = telemetry.enabled
 
     async def reject(request: Any, context: _Context) -> None:
+        if meter is not None:
+            meter.call(code, 0)
         if traced:  # a call rejected before any attempt still has its server span
             parent = telemetry.extract(context.invocation_metadata())
             end_span(telemetry.server_span(method, context.peer(), parent), code, message)
@@ -426,7 +432,11 @@ def _multicallable(e: Endpoint, key: str, method: str, kind: MethodKind | None) 
 
 
 def _forwarder(  # noqa: PLR0915 - the attempt loop, inline: it runs on every call
-    target: Target, method: str, kind: MethodKind | None, telemetry: Telemetry
+    target: Target,
+    method: str,
+    kind: MethodKind | None,
+    telemetry: Telemetry,
+    meter: Meter | None = None,
 ) -> Callable[[Any, _Context], Awaitable[Any]]:
     """The handler of ``method``: one attempt loop for every call kind.
 
@@ -449,12 +459,17 @@ def _forwarder(  # noqa: PLR0915 - the attempt loop, inline: it runs on every ca
     key = _call_key(method, kind)
     # Only a unary request with a unary response makes no progress worth a record.
     tracks_progress = streaming_request or not unary_response
+    # Metrics (the admin port): plain counts, read when scraped (metrics.py).
+    cm = None if meter is None else meter.cluster(cluster.name)
 
     async def forward(request: Any, context: _Context) -> Any:  # noqa: PLR0912, PLR0915
         tr = TracedCall(telemetry, target, method, context) if traced else None
+        began = clock()
         try:
             e = pick(context, method).endpoint if tr is None else tr.pick(1, None, None)
         except NoEligibleEndpointError as exc:
+            if meter is not None:
+                meter.call(exc.code, clock() - began)
             await _refuse(context, tr, exc)
         metadata = forwarded_metadata(context.invocation_metadata())
         attempt = 1
@@ -520,12 +535,18 @@ def _forwarder(  # noqa: PLR0915 - the attempt loop, inline: it runs on every ca
                 finally:
                     _end(call, feeder)
                     done(e, start, latency)
+                    if cm is not None:
+                        cm.attempt(e, code, clock() - start)
                 attempt += 1
                 e = retry_to
         finally:
             budget.active -= 1
             if attempt > 1:
                 budget.retrying -= 1
+            if meter is not None:
+                meter.call(code, clock() - began)
+                if attempt > 1 and code is _OK:
+                    cm.retry_success += 1  # type: ignore[union-attr]  # set with meter
             if tr is not None:
                 tr.end(code, details)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from grpc import aio
 from grpc_health.v1 import health_pb2_grpc
@@ -25,9 +25,13 @@ from lbgw.config import Config, RouteConfig, parse_address
 from lbgw.exceptions import StartError
 from lbgw.health import HealthService
 from lbgw.logs import fields
+from lbgw.metrics import Meter
 from lbgw.proxy import Proxy
 from lbgw.routing import Router
 from lbgw.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from lbgw.admin import AdminServer, GatewayAdmin
 
 __all__ = ["Gateway"]
 
@@ -52,10 +56,25 @@ class Gateway:
     """lbgw itself: ``async with Gateway(config) as gw: ... gw.addresses``."""
 
     def __init__(
-        self, config: Config, *, reuse_port: bool = False, telemetry: Telemetry | None = None
+        self,
+        config: Config,
+        *,
+        reuse_port: bool = False,
+        telemetry: Telemetry | None = None,
+        admin_socket: str = "",
     ) -> None:
-        """``telemetry`` replaces the one ``config.tracing`` describes (tests pass their own)."""
+        """``telemetry`` replaces the one ``config.tracing`` describes (tests pass their own).
+
+        ``admin_socket``: a worker's admin port, on this Unix socket (``--workers``).
+        """
         self.config = config
+        self._admin_socket = admin_socket
+        #: The admin port (``[admin] address``), and the call counts its metrics read.
+        self.admin: GatewayAdmin | None = None
+        self.admin_server: AdminServer | None = None
+        metered = config.admin.address is not None or bool(admin_socket)
+        self.meter = Meter(c.name for c in config.clusters) if metered else None
+        self.router: Router[Target] | None = None
         self.telemetry = telemetry if telemetry is not None else Telemetry(config.tracing)
         self._reuse_port = reuse_port
         self._server: aio.Server | None = None
@@ -107,7 +126,8 @@ class Gateway:
         def target(route: RouteConfig) -> Target:
             return Target.of(route, clusters)
 
-        self.proxy = Proxy(Router(config.routes, target), clusters.values(), self.telemetry)
+        self.router = Router(config.routes, target)
+        self.proxy = Proxy(self.router, clusters.values(), self.telemetry, self.meter)
         # lbgw's own health service comes first, so its calls are never forwarded.
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         server.add_generic_rpc_handlers((self.proxy,))
@@ -121,6 +141,10 @@ class Gateway:
         await server.start()
         for address in self.addresses:
             log.info("listening", extra=fields(address=address))
+        if self.meter is not None:
+            from lbgw.admin import start_gateway_admin  # noqa: PLC0415 - aiohttp only when asked
+
+            self.admin, self.admin_server = await start_gateway_admin(self, path=self._admin_socket)
         for cluster in self.clusters.values():
             log.info(
                 "cluster",
@@ -132,6 +156,11 @@ class Gateway:
                     health_check=self.config.cluster(cluster.name).health_check.mode,
                 ),
             )
+
+    @property
+    def serving(self) -> bool:
+        """Whether the listeners are up (and no stop has begun)."""
+        return self._server is not None and bool(self.addresses)
 
     async def wait(self) -> None:
         """Until the server stops."""
@@ -162,6 +191,9 @@ class Gateway:
             await self._close(server, None if grace is None else grace - delay)
 
     async def _close(self, server: aio.Server | None, grace: float | None) -> None:
+        admin, self.admin = self.admin, None
+        if admin is not None:
+            await admin.stop()
         if server is not None:
             self.health.end_watches()
             await server.stop(grace)
@@ -170,3 +202,6 @@ class Gateway:
             await cluster.close()
         # Flushes the spans still queued; it blocks, so off the event loop.
         await asyncio.to_thread(self.telemetry.shutdown)
+        admin_server, self.admin_server = self.admin_server, None
+        if admin_server is not None:  # last: /ready says 503 for the whole drain
+            await admin_server.stop()
