@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import enum
 import hashlib
@@ -555,6 +556,8 @@ class AdminServer:
         self._runner = runner
         site: web.BaseSite
         if path:
+            with contextlib.suppress(FileNotFoundError):  # a previous worker's
+                os.unlink(path)
             site = web.UnixSite(runner, path)
             await site.start()
             self.address = f"unix:{path}"
@@ -590,3 +593,75 @@ async def start_gateway_admin(
     admin.start(mirror=bool(path))
     log.info("admin listening", extra=fields(address=server.address, url=server.url))
     return admin, server
+
+
+# -- `lbgw explain`: the same answer, as a table ------------------------------------------------
+
+
+def explain_table(data: Mapping[str, Any]) -> str:
+    """``/explain``'s JSON as the readable table ``lbgw explain`` prints."""
+    lines = [
+        f"method    {data.get('method', '')}",
+        f"route     {data.get('route', '')}  ->  cluster {data.get('cluster', '')}",
+    ]
+    if "error" in data:
+        lines.append(f"error     {data['error']}")
+    else:
+        strategy = data.get("strategy", "")
+        kernel = data.get("kernel", strategy)
+        by = f" (picks by {kernel})" if kernel != strategy else ""
+        lines.append(f"strategy  {strategy}{by}")
+        hashed = data.get("hash")
+        if hashed:
+            lines.append(
+                f"hash      key {hashed['key']!r}  hash {hashed['hash']}  "
+                f"position {hashed['position']}"
+            )
+        if data.get("sticky_pin"):
+            lines.append(f"sticky    pinned to {data['sticky_pin']}")
+        if data.get("fallback"):
+            lines.append(f"fallback  {data['fallback']}")
+        if data.get("draw"):
+            lines.append(f"draw      {' vs '.join(data['draw'])} (power of two choices)")
+    candidates = list(data.get("candidates") or [])
+    if candidates:
+        keys = [k for k in candidates[0] if k != "address"]
+        width = max(len("candidate"), *(len(c["address"]) for c in candidates))
+        lines.append("")
+        lines.append("  ".join(["candidate".ljust(width), *(k.rjust(14) for k in keys)]))
+        for c in candidates:
+            mark = " *" if c["address"] == data.get("endpoint") else ""
+            cells = [c["address"].ljust(width), *(str(c.get(k, "")).rjust(14) for k in keys)]
+            lines.append("  ".join(cells) + mark)
+    skipped = list(data.get("skipped") or [])
+    if skipped:
+        lines.append("")
+        lines += [f"skipped   {s['address']}: {s['reason']}" for s in skipped]
+    lines.append("")
+    lines.append(f"endpoint  {data.get('endpoint') or '(none: no endpoint in rotation)'}")
+    return "\n".join(lines)
+
+
+async def explain_command(
+    admin: str, method: str, headers: list[str], peer: str | None, timeout: float = 5.0
+) -> int:
+    """``lbgw explain``: ask the admin port at ``admin`` and print the table. Exit status."""
+    import aiohttp  # noqa: PLC0415
+
+    query: list[tuple[str, str]] = [("method", method)]
+    query += [("metadata", h) for h in headers]
+    if peer:
+        query.append(("peer", peer))
+    url = f"http://{admin}/explain"
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+            session.get(url, params=query) as response,
+        ):
+            data = await response.json()
+            status = response.status
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        print(f"lbgw explain: cannot ask {url}: {exc or type(exc).__name__}")
+        return 1
+    print(explain_table(data))
+    return 0 if status == 200 else 1

@@ -52,6 +52,7 @@ from lbgw.config import (
     sticky_from_env,
     tracing_from_env,
 )
+from lbgw.config.rules import remote_admin_refused
 from lbgw.exceptions import ConfigError, LbgwError
 from lbgw.logs import configure, fields
 
@@ -159,6 +160,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--grace", type=float, metavar="SECONDS", help="drain time on SIGTERM")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     serve.add_argument("--log-format", choices=("json", "text"))
+    serve.add_argument(
+        "--admin",
+        metavar="HOST:PORT",
+        type=_listen,
+        help="serve the admin port (metrics, status page, drain, explain) here",
+    )
 
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file", metavar="FILE")
@@ -167,6 +174,30 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--listen", default="127.0.0.1:50051", metavar="HOST:PORT")
     demo.add_argument("--calls", type=int, default=8, help="sample calls to make at start")
     demo.add_argument("--once", action="store_true", help="exit after the sample calls")
+    demo.add_argument(
+        "--admin",
+        metavar="HOST:PORT",
+        type=_listen,
+        help="the admin port and status page (default 127.0.0.1:9901; port 0 with --listen's 0)",
+    )
+
+    explain = commands.add_parser(
+        "explain",
+        help="ask a gateway's admin port where a call would go, and why",
+        description="Print where the gateway would send a call now, and why: a dry run "
+        "that changes nothing (GET /explain on the admin port).",
+    )
+    explain.add_argument("method", metavar="/pkg.Svc/Method")
+    explain.add_argument("--admin", required=True, metavar="HOST:PORT", type=_listen)
+    explain.add_argument(
+        "-H",
+        dest="headers",
+        metavar="KEY:VALUE",
+        action="append",
+        default=[],
+        help="request metadata (repeatable)",
+    )
+    explain.add_argument("--peer", metavar="IP", help="the client's IP (for hash_on = peer)")
 
     call = commands.add_parser("call", help="call the demo echo service through a gateway")
     call.add_argument("address", metavar="HOST:PORT")
@@ -261,6 +292,11 @@ def _serve_config(args: argparse.Namespace) -> Config:  # noqa: PLR0912, PLR0915
         if not (args.grace >= 0 and math.isfinite(args.grace)):
             raise ConfigError("command line", "--grace", "a number of seconds >= 0", args.grace)
         changes["grace_period"] = args.grace
+    if args.admin:
+        config = replace(config, admin=replace(config.admin, address=args.admin))
+        refused = remote_admin_refused(config.admin)
+        if refused is not None:
+            raise ConfigError("command line", "--admin", refused, args.admin)
     log_config = config.log
     if args.log_level:
         log_config = replace(log_config, level=args.log_level)
@@ -282,7 +318,7 @@ def _remember_stop(signum: int, frame: object) -> None:
     _early_stop = True
 
 
-async def _run_gateway(config: Config, *, reuse_port: bool) -> int:
+async def _run_gateway(config: Config, *, reuse_port: bool, admin_socket: str = "") -> int:
     from lbgw.server import Gateway  # noqa: PLC0415 - keep `check-config` light
 
     stop = asyncio.Event()
@@ -291,7 +327,7 @@ async def _run_gateway(config: Config, *, reuse_port: bool) -> int:
         loop.add_signal_handler(sig, stop.set)
     if _early_stop:
         stop.set()
-    gateway = Gateway(config, reuse_port=reuse_port)
+    gateway = Gateway(config, reuse_port=reuse_port, admin_socket=admin_socket)
     stopper = asyncio.ensure_future(stop.wait())
     starting = asyncio.ensure_future(gateway.start())
     await asyncio.wait((starting, stopper), return_when=asyncio.FIRST_COMPLETED)
@@ -341,7 +377,7 @@ def _reserve_ports(config: Config) -> tuple[list[str], list[socket.socket]]:
     return addresses, holders
 
 
-def _supervise(config: Config, argv: Sequence[str]) -> int:
+def _supervise(config: Config, argv: Sequence[str]) -> int:  # noqa: PLR0912 - with the admin fleet
     stopping = _early_stop
 
     def on_signal(signum: int, frame: object) -> None:
@@ -356,9 +392,12 @@ def _supervise(config: Config, argv: Sequence[str]) -> int:
         # One secret for all the workers, so that each honours the others' tokens.
         env[STICKY_SECRET_ENV] = secrets.token_urlsafe(32)
     env[_WORKER_PARENT_ENV] = str(os.getpid())
+    fleet = _fleet(config)  # the admin port over all the workers, if asked for
     workers: list[subprocess.Popen[bytes]] = []
     for n in range(config.workers):
         env[_WORKER_ENV] = str(n)
+        if fleet is not None:
+            env.update(fleet.worker_env(n))
         workers.append(subprocess.Popen([sys.executable, "-m", "lbgw", *argv], env=dict(env)))
     log.info("workers", extra=fields(pids=[w.pid for w in workers], addresses=addresses))
     status = 0
@@ -387,10 +426,26 @@ def _supervise(config: Config, argv: Sequence[str]) -> int:
             # over was not serving yet: that is a clean stop too.
             if code not in (0, -signal.SIGTERM) or (code != 0 and not stopping):
                 status = 1
+            if fleet is not None:
+                fleet.worker_exited(w.pid)
         for holder in holders:
             holder.close()
+        if fleet is not None:
+            fleet.stop()
     log.info("stopped", extra=fields(code=status))
     return status
+
+
+def _fleet(config: Config) -> Any:
+    """The supervisor's admin port (``admin_fleet.Fleet``), started; None without one."""
+    if config.admin.address is None:
+        return None
+    from lbgw.admin_fleet import Fleet  # noqa: PLC0415 - aiohttp only when asked
+
+    fleet = Fleet(config)
+    address = fleet.start()
+    log.info("admin listening", extra=fields(address=address, url=f"http://{address}/"))
+    return fleet
 
 
 def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -401,7 +456,12 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
         _die_with(int(os.environ[_WORKER_PARENT_ENV]))
         listeners = os.environ[_WORKER_LISTENERS_ENV].split(",")
         config = replace(config, listeners=tuple(ListenerConfig(a) for a in listeners))
-        return asyncio.run(_run_gateway(config, reuse_port=True))
+        admin_socket = ""
+        if config.admin.address is not None:  # the supervisor serves it; this worker, a socket
+            from lbgw.admin_fleet import worker_socket  # noqa: PLC0415 - aiohttp only when asked
+
+            admin_socket = worker_socket()
+        return asyncio.run(_run_gateway(config, reuse_port=True, admin_socket=admin_socket))
     if config.workers > 1:
         return _supervise(config, argv)
     return asyncio.run(_run_gateway(config, reuse_port=False))
@@ -429,14 +489,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args, argv)
         if args.command == "check-config":
             return _check_config(args)
+        if args.command == "explain":
+            from lbgw.admin import explain_command  # noqa: PLC0415 - aiohttp only when asked
+
+            return asyncio.run(explain_command(args.admin, args.method, args.headers, args.peer))
         from lbgw import demo  # noqa: PLC0415 - the demo backend is not needed to serve
 
         if args.command == "demo":
             configure("info", "text")
             # The OTEL_* variables trace the demo too, e.g. into a local Jaeger.
             tracing = tracing_from_env(TracingConfig(), os.environ)
+            admin = args.admin
+            if admin is None:  # a free port when the gateway's is, as in tests
+                admin = "127.0.0.1:0" if args.listen.endswith(":0") else "127.0.0.1:9901"
             return asyncio.run(
-                demo.run_demo(args.listen, args.calls, once=args.once, tracing=tracing)
+                demo.run_demo(args.listen, args.calls, once=args.once, tracing=tracing, admin=admin)
             )
         return asyncio.run(demo.call(args.address, args.count, args.message, args.timeout))
     except ConfigError as exc:

@@ -15,7 +15,7 @@ import signal
 
 from grpc import aio
 
-from lbgw.config import TracingConfig, config_from_mapping
+from lbgw.config import AdminConfig, TracingConfig, config_from_mapping
 from lbgw.health import HealthService
 from lbgw.pb import echo_pb2, echo_pb2_grpc
 from lbgw.server import Gateway
@@ -41,7 +41,12 @@ async def call(address: str, count: int, message: str, timeout: float) -> int:
 
 
 async def run_demo(
-    listen: str, calls: int, *, once: bool, tracing: TracingConfig | None = None
+    listen: str,
+    calls: int,
+    *,
+    once: bool,
+    tracing: TracingConfig | None = None,
+    admin: str | None = None,
 ) -> int:
     # Ctrl-C or SIGTERM stops the demo at any point, start-up included.
     stop = asyncio.Event()
@@ -68,9 +73,13 @@ async def run_demo(
         )
         if tracing is not None:
             config = dataclasses.replace(config, tracing=tracing)
+        if admin is not None:
+            config = dataclasses.replace(config, admin=AdminConfig(address=admin))
         async with Gateway(config) as gateway:
             address = gateway.addresses[0]
             print(f"lbgw demo: gateway on {address}, backends {a} (weight 1) and {b} (weight 3)")
+            if gateway.admin_server is not None:
+                print(f"lbgw demo: status page on {gateway.admin_server.url}")
             status = await call(address, calls, "hello", 5.0)
             if once or status or stop.is_set():
                 return status
