@@ -22,6 +22,10 @@ echo backend (``bench/backend.py``) and, in front of it, every proxy it finds:
   streamed message. The plain ``lbgw`` row is the "tracing off" they are
   compared with (every lbgw row runs with the caller's ``OTEL_*`` variables
   removed, so only these two trace);
+* ``lbgw-metrics``: ``lbgw`` with the admin port on (``--admin``), so
+  every call is counted for the Prometheus metrics; the plain ``lbgw`` row
+  is "metrics off". Nothing scrapes during the run (a scrape is off the
+  call path; the admin port's once-a-second sampler runs);
 * ``nginx``: ``grpc_pass`` with one worker and upstream keepalive, when
   ``nginx`` is on PATH.
 
@@ -81,6 +85,7 @@ CONFIGS = (
     "lbgw-stream",
     "lbgw-trace-1pct",
     "lbgw-trace-all",
+    "lbgw-metrics",
     "nginx",
 )
 LABELS = {
@@ -91,6 +96,7 @@ LABELS = {
     "lbgw-stream": "lbgw, kinds unknown",
     "lbgw-trace-1pct": "lbgw, traced 1% (OTLP)",
     "lbgw-trace-all": "lbgw, traced 100% (OTLP)",
+    "lbgw-metrics": "lbgw, metrics on (--admin)",
     "nginx": "nginx grpc_pass",
 }
 #: The sampler of each traced configuration: OTEL_TRACES_SAMPLER and its argument.
@@ -236,6 +242,7 @@ def _lbgw_argv(  # noqa: PLR0913 - the lbgw command line's flags, one argument e
     *,
     kinds: bool = True,
     env: Mapping[str, str] | None = None,
+    admin: int | None = None,
 ) -> list[str]:
     argv = [*_env_prefix(env or {}), binary, "serve", "--listen", f"127.0.0.1:{port}"]
     argv += ["--backend", backend]
@@ -245,6 +252,8 @@ def _lbgw_argv(  # noqa: PLR0913 - the lbgw command line's flags, one argument e
         argv += ["--method", f"{UNARY}=unary", "--method", f"{SERVER_STREAM}=server_streaming"]
     if workers > 1:
         argv += ["--workers", str(workers)]
+    if admin is not None:
+        argv += ["--admin", f"127.0.0.1:{admin}"]
     return argv
 
 
@@ -457,6 +466,13 @@ _RATIOS = (
         ("lbgw-trace-all", "cpu_us_per_call"),
         ("lbgw", "cpu_us_per_call"),
         "target <= 1.5x",
+    ),
+    (
+        "lbgw_metrics_cpu_per_call_vs_off",
+        "lbgw CPU per unary call, metrics on / off",
+        ("lbgw-metrics", "cpu_us_per_call"),
+        ("lbgw", "cpu_us_per_call"),
+        "target <= 1.03x",
     ),
     (
         "lbgw_cpu_per_call_vs_nginx",
@@ -673,7 +689,10 @@ def _start_targets(  # noqa: PLR0912, PLR0915 - one block per configuration of t
             port = free_port()
             workers = 2 if config == "lbgw-w2" else 1
             kinds = config != "lbgw-stream"
-            argv = _lbgw_argv(binary, help_text, port, backend, workers, kinds=kinds, env=env)
+            admin = free_port() if config == "lbgw-metrics" else None
+            argv = _lbgw_argv(
+                binary, help_text, port, backend, workers, kinds=kinds, env=env, admin=admin
+            )
             procs.append(Proc(config, argv, workdir))
             streams = config not in TRACED
             targets.append(Target(config, f"127.0.0.1:{port}", procs[-1], streams=streams))
