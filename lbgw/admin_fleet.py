@@ -180,8 +180,8 @@ class _FleetAnswers:
     async def explain(
         self, query: Mapping[str, str], metadata: list[tuple[str, str]]
     ) -> tuple[int, Any]:
-        params = [*query.items(), *(("metadata", f"{k}:{v}") for k, v in metadata)]
-        params = [(k, v) for k, v in params if k != "metadata" or ":" in v]
+        params = [(k, v) for k, v in query.items() if k != "metadata"]
+        params += [("metadata", f"{k}:{v}") for k, v in metadata]
         for _, status, data in (await self._ask("/explain", params=params))[:1]:
             return status, {**data, "worker": data.get("pid")}
         return 503, {"error": "no worker answers"}

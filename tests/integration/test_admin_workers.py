@@ -69,6 +69,7 @@ async def test_one_admin_address_totals_every_worker() -> None:
                 admin + "/endpoints/drain", "POST", cluster="default", address=addr_a
             )
             _, after = await _get(admin + "/clusters")
+            _, explained = await _get(admin + "/explain", method=UNARY, metadata="x-user:1")
             _, info = await _get(admin + "/server_info")
             lbgw.process.terminate()
             assert await asyncio.to_thread(lbgw.wait, 30) == 0
@@ -90,3 +91,5 @@ async def test_one_admin_address_totals_every_worker() -> None:
         row = next(e for e in w["clusters"][0]["endpoints"] if e["address"] == addr_a)
         assert row["state"] == "drained"
     assert set(info["pids"][1:]) == set(workers) and info["workers"] == 2
+    assert explained["worker"] in workers and explained["endpoint"] == addr_b
+    assert explained["skipped"] == [{"address": addr_a, "reason": "drained"}]
