@@ -394,8 +394,9 @@ class GatewayAdmin:
                 "error": str(exc),
                 "skipped": [{"address": a, "reason": why} for a, why in exc.skipped],
                 "endpoint": None,
+                "pid": os.getpid(),
             }
-        return 200, explain_json(method, target.route, cluster, decision)
+        return 200, {**explain_json(method, target.route, cluster, decision), "pid": os.getpid()}
 
     async def act(self, path: str, query: Mapping[str, str]) -> tuple[int, Any]:
         """Run a POST action: (status, JSON)."""
