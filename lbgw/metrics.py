@@ -324,7 +324,7 @@ class Mirror:
                     family.documentation,
                     labels,
                     registry=None,
-                    buckets=LATENCY_BUCKETS[1:],  # prometheus_client adds +Inf; 0 below
+                    buckets=LATENCY_BUCKETS,  # prometheus_client adds +Inf
                 )
             self._metrics[family.name] = metric
         return metric
@@ -370,11 +370,10 @@ class Mirror:
         for key, values in series.items():
             metric = self._metric(family, names)
             child = metric.labels(*key) if key else metric
-            # prometheus_client's buckets start above 0: fold the 0 bucket into the first.
             previous = 0.0
-            for i, le in enumerate(_LE[1:]):
+            for i, le in enumerate(_LE):  # cumulative here, each bucket's own there
                 cumulative = values.get(le, 0.0)
-                own = cumulative - previous if i else cumulative
+                own = cumulative - previous
                 previous = cumulative
                 last_key = (f"{family.name}_bucket", (*key, le))
                 grew = own - self._last.get(last_key, 0.0)
