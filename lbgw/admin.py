@@ -61,14 +61,22 @@ if TYPE_CHECKING:
     from lbgw.server import Gateway
 
 __all__ = [
+    "ACTIONS",
     "HISTORY_SECONDS",
+    "POST_PATHS",
     "SECRET_KEYS",
     "Action",
     "AdminServer",
     "GatewayAdmin",
+    "build_app",
+    "config_hash",
+    "config_json",
+    "explain_command",
     "explain_json",
+    "explain_table",
     "redact",
     "register_action",
+    "start_gateway_admin",
 ]
 
 log = logging.getLogger("lbgw.admin")
@@ -113,14 +121,12 @@ def redact(value: Any) -> Any:
 def _jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, enum.Enum):
+    if isinstance(value, enum.Enum):  # a grpc.StatusCode's value is a tuple: its name
         return value.value if not isinstance(value.value, tuple) else value.name
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
-    if hasattr(value, "name") and hasattr(value, "value") and isinstance(value.value, tuple):
-        return value.name  # a grpc.StatusCode
     return value
 
 
@@ -131,8 +137,12 @@ def config_json(config: Config) -> dict[str, Any]:
 
 
 def config_hash(config: Config) -> str:
-    """A short hash of the config in force (secrets included, so a changed secret shows)."""
-    text = json.dumps(_jsonable(config), sort_keys=True, default=str)
+    """A short hash of the config in force, as ``/config`` shows it.
+
+    Of the redacted config: a hash of a secret would let anyone who can read
+    the admin port try guesses at it offline.
+    """
+    text = json.dumps(config_json(config), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -146,7 +156,8 @@ def explain_json(method: str, route: str, cluster: Cluster, decision: Decision) 
     from lbgw.kernels import hash64  # noqa: PLC0415
 
     balancer = cluster.balancer
-    p2c = len(decision.candidates) == 2 and balancer.fallback in ("least_request", "ewma")
+    keyed = decision.pinned or decision.hash_key is not None
+    p2c = not keyed and balancer.draws_two()
     hashed = None
     if decision.hash_key is not None:
         hashed = {

@@ -308,6 +308,16 @@ class Balancer:
         e.share = share
         self.kernel.set_weight(e.index, max(1, round(e.weight * self._scale * share)))
 
+    def draws_two(self) -> bool:
+        """Whether the next pick is a power of two choices (``least_request`` with equal
+        weights, ``ewma`` with ``choice = "p2c"``), with two endpoints to draw from."""
+        kernel = self.kernel
+        peek = getattr(kernel, "peek_two", None)
+        if peek is None or (self.fallback == "ewma" and self._pick != kernel.pick_p2c):  # type: ignore[attr-defined]
+            return False
+        a, _ = peek(-1)
+        return bool(a >= 0)
+
     def candidates(
         self, *, exclude: Endpoint | None = None, limit: int = MAX_TRACED_CANDIDATES
     ) -> list[tuple[str, dict[str, float]]]:

@@ -30,7 +30,7 @@ async def _get(url: str, verb: str = "GET", **params: str) -> tuple[int, Any]:
         return response.status, await response.text()
 
 
-async def test_one_admin_address_totals_every_worker() -> None:
+async def test_one_admin_address_totals_every_worker() -> None:  # noqa: PLR0915 - one run
     a, b = EchoBackend("a"), EchoBackend("b")
     port = free_port()
     admin = f"http://127.0.0.1:{port}"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lbgw.admin import REDACTED, explain_table, redact
+from lbgw.admin import REDACTED, explain_json, explain_table, redact
 from lbgw.admin_fleet import merge_clusters
 from lbgw.cluster import Cluster
 from lbgw.config import AdminConfig, config_from_mapping, load_config
@@ -196,3 +196,35 @@ def test_manual_health_fail_is_undone_by_ok_but_not_after_a_drain() -> None:
     service.drain()
     service.fail(False)
     assert not service.serving
+
+
+@pytest.mark.parametrize(
+    ("strategy", "params", "draws"),
+    [
+        ("least_request", {}, False),  # unequal weights: EDF, no draw
+        ("ewma", {"choice": "best"}, False),
+        ("ewma", {}, True),
+        ("swrr", {}, False),
+    ],
+)
+def test_explain_lists_a_draw_only_for_a_power_of_two_choices_pick(
+    strategy: str, params: dict[str, str], draws: bool
+) -> None:
+    config = config_from_mapping(
+        {
+            "listeners": [{"address": "127.0.0.1:0"}],
+            "clusters": {
+                "users": {
+                    "endpoints": [{"address": f"10.0.0.{i}:1", "weight": i} for i in (1, 2)],
+                    "strategy": strategy,
+                    "params": params,
+                }
+            },
+        }
+    )
+    cluster = offline_cluster(config.clusters[0])
+    decision = cluster.decide((), "ipv4:10.9.9.9:1", "/a.B/C", dry_run=True)
+    data = explain_json("/a.B/C", "default", cluster, decision)
+    assert (data["draw"] is not None) is draws
+    if draws:
+        assert data["endpoint"] in data["draw"]
