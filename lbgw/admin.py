@@ -621,7 +621,7 @@ def explain_table(data: Mapping[str, Any]) -> str:
     else:
         strategy = data.get("strategy", "")
         kernel = data.get("kernel", strategy)
-        by = f" (picks by {kernel})" if kernel != strategy else ""
+        by = f" (without a key: {kernel})" if kernel != strategy else ""
         lines.append(f"strategy  {strategy}{by}")
         hashed = data.get("hash")
         if hashed:
