@@ -75,6 +75,7 @@ class Gateway:
         metered = config.admin.address is not None or bool(admin_socket)
         self.meter = Meter(c.name for c in config.clusters) if metered else None
         self.router: Router[Target] | None = None
+        self._listening = False
         self.telemetry = telemetry if telemetry is not None else Telemetry(config.tracing)
         self._reuse_port = reuse_port
         self._server: aio.Server | None = None
@@ -138,12 +139,13 @@ class Gateway:
                 raise StartError(f"cannot listen on {listener.address}: {exc}") from exc
             host, _ = parse_address(listener.address)
             self.addresses.append(f"{host}:{port}")
+        if self.meter is not None:  # imported before serving: no first call waits for it
+            from lbgw.admin import start_gateway_admin  # noqa: PLC0415 - aiohttp only when asked
         await server.start()
+        self._listening = True
         for address in self.addresses:
             log.info("listening", extra=fields(address=address))
         if self.meter is not None:
-            from lbgw.admin import start_gateway_admin  # noqa: PLC0415 - aiohttp only when asked
-
             self.admin, self.admin_server = await start_gateway_admin(self, path=self._admin_socket)
         for cluster in self.clusters.values():
             log.info(
@@ -160,7 +162,7 @@ class Gateway:
     @property
     def serving(self) -> bool:
         """Whether the listeners are up (and no stop has begun)."""
-        return self._server is not None and bool(self.addresses)
+        return self._listening and self._server is not None
 
     async def wait(self) -> None:
         """Until the server stops."""
