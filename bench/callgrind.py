@@ -162,6 +162,7 @@ class _Lbgw:
     workdir: Path
     out_dir: Path
     main_thread: bool = False
+    metrics: bool = False
 
     def argv(self, port: int, out_file: Path | None) -> list[str]:
         """lbgw in a fixed environment, under callgrind writing ``out_file`` unless None."""
@@ -179,6 +180,8 @@ class _Lbgw:
         argv += ["--strategy", "swrr", "--method", f"{UNARY}=unary"]
         # Health checks run on a timer: how many fall in a count would depend on time.
         argv += ["--health-check", "none", "--log-level", "warning"]
+        if self.metrics:  # the admin port on: every call is counted for /metrics
+            argv += ["--admin", "127.0.0.1:0"]
         return argv
 
     def serve(self, name: str, calls: int, out_file: Path | None) -> None:
@@ -230,7 +233,9 @@ def _measure(args: argparse.Namespace, valgrind: str, lbgw: str) -> list[_Run]:
         out_dir.mkdir(parents=True, exist_ok=True)
         backend_proc, backend = _start_backend(workdir)
         procs.append(backend_proc)
-        under_test = _Lbgw(lbgw, valgrind, backend, workdir, out_dir, args.main_thread)
+        under_test = _Lbgw(
+            lbgw, valgrind, backend, workdir, out_dir, args.main_thread, args.metrics
+        )
         under_test.warm_up()
         for r in range(1, args.runs + 1):
             ir: dict[int, int] = {}
@@ -385,6 +390,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="count only the event loop's thread, where lbgw's Python runs: steadier, as "
         "it leaves out gRPC's I/O threads and their lock spinning under valgrind",
+    )
+    p.add_argument(
+        "--metrics",
+        action="store_true",
+        help="lbgw with its admin port on (--admin), so that every call is counted for "
+        "the Prometheus metrics: compare with a run without",
     )
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results here")
     p.add_argument(

@@ -32,6 +32,10 @@ would) and, in front of it, every proxy it finds:
   streamed message. The plain ``lbgw`` row is the "tracing off" they are
   compared with (every lbgw row runs with the caller's ``OTEL_*`` variables
   removed, so only these two trace);
+* ``lbgw-metrics``: ``lbgw`` with the admin port on (``--admin``), so
+  every call is counted for the Prometheus metrics; the plain ``lbgw`` row
+  is "metrics off". Nothing scrapes during the run (a scrape is off the
+  call path; the admin port's once-a-second sampler runs);
 * ``nginx``: ``grpc_pass`` with one worker and upstream keepalive, when
   ``nginx`` is on PATH;
 * ``lbgw-tls`` and ``nginx-tls``: the same two with TLS on both sides: the
@@ -104,6 +108,7 @@ CONFIGS = (
     "lbgw-stream",
     "lbgw-trace-1pct",
     "lbgw-trace-all",
+    "lbgw-metrics",
     "nginx",
     "lbgw-tls",
     "nginx-tls",
@@ -121,6 +126,7 @@ LABELS = {
     "lbgw-stream": "lbgw --no-reflection",
     "lbgw-trace-1pct": "lbgw, traced 1% (OTLP)",
     "lbgw-trace-all": "lbgw, traced 100% (OTLP)",
+    "lbgw-metrics": "lbgw, metrics on (--admin)",
     "nginx": "nginx grpc_pass",
     "lbgw-tls": "lbgw, TLS both sides",
     "nginx-tls": "nginx ssl + grpcs://",
@@ -140,7 +146,14 @@ QUICK_CONFIGS = (
     "haproxy",
 )
 #: The lbgw configurations that give the method kinds on the command line.
-WITH_KINDS = ("lbgw", "lbgw-uvloop", "lbgw-w2", "lbgw-trace-1pct", "lbgw-trace-all")
+WITH_KINDS = (
+    "lbgw",
+    "lbgw-uvloop",
+    "lbgw-w2",
+    "lbgw-trace-1pct",
+    "lbgw-trace-all",
+    "lbgw-metrics",
+)
 #: The event loop of each lbgw configuration (--event-loop); absent: lbgw's default.
 EVENT_LOOP = {
     "lbgw": "asyncio",
@@ -150,6 +163,7 @@ EVENT_LOOP = {
     "lbgw-trace-1pct": "asyncio",
     "lbgw-trace-all": "asyncio",
     "lbgw-tls": "asyncio",
+    "lbgw-metrics": "asyncio",
 }
 #: The configurations with TLS on both sides, and the plaintext row each is compared with.
 TLS_CONFIGS = ("lbgw-tls", "nginx-tls")
@@ -302,6 +316,7 @@ def _lbgw_argv(  # noqa: PLR0913 - the lbgw command line's flags, one argument e
     flags: bool = True,
     loop: str | None = None,
     reflection: bool = True,
+    admin: int | None = None,
 ) -> list[str]:
     """``lbgw serve``; ``flags`` False: the quick form with ``--backend`` and the port alone."""
     argv = [*_env_prefix(env or {}), binary, "serve", "--listen", f"127.0.0.1:{port}"]
@@ -318,6 +333,8 @@ def _lbgw_argv(  # noqa: PLR0913 - the lbgw command line's flags, one argument e
         argv += ["--event-loop", loop]
     if workers > 1:
         argv += ["--workers", str(workers)]
+    if admin is not None:
+        argv += ["--admin", f"127.0.0.1:{admin}"]
     return argv
 
 
@@ -697,6 +714,13 @@ _RATIOS = (
         "target <= 1.5x",
     ),
     (
+        "lbgw_metrics_cpu_per_call_vs_off",
+        "lbgw CPU per unary call, metrics on / off",
+        ("lbgw-metrics", "cpu_us_per_call"),
+        ("lbgw", "cpu_us_per_call"),
+        "target <= 1.03x",
+    ),
+    (
         "lbgw_cpu_per_call_vs_nginx",
         "lbgw CPU per unary call / nginx's",
         ("lbgw", "cpu_us_per_call"),
@@ -979,6 +1003,7 @@ def _start_targets(  # noqa: PLR0912, PLR0913, PLR0915 - one block per configura
                 flags=config != "lbgw-noflags",
                 loop=EVENT_LOOP.get(config),
                 reflection=config != "lbgw-stream",
+                admin=free_port() if config == "lbgw-metrics" else None,
             )
             procs.append(Proc(config, argv, workdir))
             streams = config not in TRACED

@@ -558,6 +558,22 @@ cdef class SmoothWeightedRoundRobin(_Kernel):
     def pick_many(self, Py_ssize_t count):
         return _pick_many(self, count)
 
+    def peek(self):
+        """What the next ``pick()`` returns, without moving the schedule (``/explain``)."""
+        cdef Py_ssize_t m = self._m, j, best = 0
+        cdef int64_t c, best_cur
+        if m == 0:
+            return -1
+        if self._edf:
+            return self._heap[0].i
+        best_cur = self._dcur[0] + self._dw[0]
+        for j in range(1, m):
+            c = self._dcur[j] + self._dw[j]
+            if c > best_cur:
+                best = j
+                best_cur = c
+        return self._dense[best]
+
 
 @cython.final
 cdef class RoundRobin(_Kernel):
@@ -630,6 +646,10 @@ cdef class RoundRobin(_Kernel):
 
     def pick_many(self, Py_ssize_t count):
         return _pick_many(self, count)
+
+    def peek(self):
+        """What the next ``pick()`` returns, without taking the turn (``/explain``)."""
+        return self._dense[self._next] if self._m > 0 else -1
 
 
 cdef class _SeededKernel(_Kernel):
@@ -754,6 +774,14 @@ cdef class Random(_SeededKernel):
 
     def pick_many(self, Py_ssize_t count):
         return _pick_many(self, count)
+
+    def peek(self):
+        """What the next ``pick()`` returns, from a copy of the generator (``/explain``)."""
+        cdef uint64_t state = self._rng
+        try:
+            return self.pick()
+        finally:
+            self._rng = state
 
 
 @cython.final
@@ -889,6 +917,16 @@ cdef class LeastRequest(_SeededKernel):
 
     def pick_many(self, Py_ssize_t count):
         return _pick_many(self, count)
+
+    def peek(self):
+        """What the next ``pick()`` returns, without drawing or moving the schedule."""
+        cdef uint64_t state = self._rng
+        if self._m > 0 and not self._equal:
+            return self._heap[0].i
+        try:
+            return self._pick()
+        finally:
+            self._rng = state
 
 
 @cython.final
@@ -1090,6 +1128,18 @@ cdef class PeakEwma(_SeededKernel):
     def pick_p2c_excluding(self, i):
         return self._pick_p2c_excluding(self._excluded(i))
 
+    def peek(self):
+        """What the next ``pick()`` returns (the argmin draws nothing and changes nothing)."""
+        return self._pick()
+
+    def peek_p2c(self):
+        """What the next ``pick_p2c()`` returns, from a copy of the generator (``/explain``)."""
+        cdef uint64_t state = self._rng
+        try:
+            return self._pick_p2c()
+        finally:
+            self._rng = state
+
     def peek_two(self, exclude=-1):
         """The two backends the next ``pick_p2c`` compares, drawn from a copy of the
         generator: the next ``pick_p2c_excluding(exclude)``'s, with an ``exclude``.
@@ -1289,6 +1339,14 @@ cdef class _HashKernel(_SeededKernel):
         cdef Py_ssize_t pos
         self._lookup(_as_hash(h), &pos)
         return pos
+
+    def peek(self):
+        """What the next ``pick()`` returns, from a copy of the generator."""
+        cdef uint64_t state = self._rng
+        try:
+            return self.pick()
+        finally:
+            self._rng = state
 
     def pick(self):
         return self._pick()

@@ -251,6 +251,26 @@ class Balancer:
         self.kernel.started(i)
         return self.endpoints[i]
 
+    def peek(self) -> Endpoint | None:
+        """The endpoint the next ``pick()`` would return, changing nothing (``/explain``).
+
+        None when no endpoint is in rotation. A drawing kernel draws from a copy
+        of its generator, so the next real pick draws the same.
+        """
+        kernel = self.kernel
+        if self.fallback == "ewma" and self._pick == kernel.pick_p2c:  # type: ignore[attr-defined]
+            i = kernel.peek_p2c()  # type: ignore[attr-defined]
+        else:
+            i = kernel.peek()
+        return self.endpoints[i] if i >= 0 else None
+
+    def peek_key(self, key: bytes) -> Endpoint | None:
+        """The endpoint ``key`` hashes to, not counted as started (``/explain``)."""
+        hashing = self.hashing
+        assert hashing is not None, "peek_key needs a ring_hash or maglev cluster"
+        i = hashing.pick_key(key)
+        return self.endpoints[i] if i >= 0 else None
+
     def started(self, e: Endpoint) -> None:
         """Count a call on ``e`` that was chosen without a pick (a sticky token)."""
         self.kernel.started(e.index)
@@ -287,6 +307,16 @@ class Balancer:
             return
         e.share = share
         self.kernel.set_weight(e.index, max(1, round(e.weight * self._scale * share)))
+
+    def draws_two(self) -> bool:
+        """Whether the next pick is a power of two choices (``least_request`` with equal
+        weights, ``ewma`` with ``choice = "p2c"``), with two endpoints to draw from."""
+        kernel = self.kernel
+        peek = getattr(kernel, "peek_two", None)
+        if peek is None or (self.fallback == "ewma" and self._pick != kernel.pick_p2c):  # type: ignore[attr-defined]
+            return False
+        a, _ = peek(-1)
+        return bool(a >= 0)
 
     def candidates(
         self, *, exclude: Endpoint | None = None, limit: int = MAX_TRACED_CANDIDATES

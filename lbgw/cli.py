@@ -26,7 +26,7 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Final
 
@@ -50,6 +50,7 @@ from lbgw.config import (
     sticky_from_env,
     tracing_from_env,
 )
+from lbgw.config.rules import remote_admin_refused
 from lbgw.exceptions import ConfigError, LbgwError
 from lbgw.logs import configure, fields
 from lbgw.reload import config_hash
@@ -224,6 +225,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     serve.add_argument("--log-format", choices=("json", "text"))
+    serve.add_argument(
+        "--admin",
+        metavar="HOST:PORT",
+        type=_listen,
+        help="serve the admin port (metrics, status page, drain, explain) here",
+    )
 
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file", metavar="FILE")
@@ -233,6 +240,30 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--calls", type=int, default=8, help="sample calls to make at start")
     demo.add_argument("--once", action="store_true", help="exit after the sample calls")
     demo.add_argument("--tls", action="store_true", help="mTLS on both sides, with a throwaway CA")
+    demo.add_argument(
+        "--admin",
+        metavar="HOST:PORT",
+        type=_listen,
+        help="the admin port and status page (default 127.0.0.1:9901; port 0 with --listen's 0)",
+    )
+
+    explain = commands.add_parser(
+        "explain",
+        help="ask a gateway's admin port where a call would go, and why",
+        description="Print where the gateway would send a call now, and why: a dry run "
+        "that changes nothing (GET /explain on the admin port).",
+    )
+    explain.add_argument("method", metavar="/pkg.Svc/Method")
+    explain.add_argument("--admin", required=True, metavar="HOST:PORT", type=_listen)
+    explain.add_argument(
+        "-H",
+        dest="headers",
+        metavar="KEY:VALUE",
+        action="append",
+        default=[],
+        help="request metadata (repeatable)",
+    )
+    explain.add_argument("--peer", metavar="IP", help="the client's IP (for hash_on = peer)")
 
     call = commands.add_parser("call", help="call the demo echo service through a gateway")
     call.add_argument("address", metavar="HOST:PORT")
@@ -434,6 +465,11 @@ def _serve_config(  # noqa: PLR0912, PLR0915 - a flag each
         changes["grace_period"] = args.grace
     if args.event_loop is not None:
         changes["event_loop"] = args.event_loop
+    if args.admin:
+        config = replace(config, admin=replace(config.admin, address=args.admin))
+        refused = remote_admin_refused(config.admin)
+        if refused is not None:
+            raise ConfigError("command line", "--admin", refused, args.admin)
     log_config = config.log
     if args.log_level:
         log_config = replace(log_config, level=args.log_level)
@@ -474,8 +510,28 @@ def remember_early(signals: Sequence[int]) -> None:
             _remember_stop(signum, None)
 
 
-async def _run_gateway(
-    config: Config, *, reuse_port: bool, load: Loader, config_id: str, ready_fd: int | None = None
+def _admin_reload(reloader: Any, draining: Callable[[], bool]) -> None:
+    """``POST /reload`` on the admin port: the same as SIGHUP, answered with the outcome."""
+    from lbgw.admin import register_action  # noqa: PLC0415 - aiohttp only when asked
+
+    async def reload_action(query: Mapping[str, str]) -> Mapping[str, Any]:
+        if draining():
+            return {"ok": False, "error": "draining", "config": reloader.config_id}
+        log.info("POST /reload: reloading", extra=fields(config=reloader.config_id))
+        result: Mapping[str, Any] = await reloader.reload()
+        return result
+
+    register_action("/reload", reload_action)
+
+
+async def _run_gateway(  # noqa: PLR0913, PLR0915 - a worker's inputs; start, serve, drain
+    config: Config,
+    *,
+    reuse_port: bool,
+    load: Loader,
+    config_id: str,
+    ready_fd: int | None = None,
+    admin_socket: str = "",
 ) -> int:
     from lbgw.reload import Reloader  # noqa: PLC0415 - keep `check-config` light
     from lbgw.server import Gateway  # noqa: PLC0415
@@ -487,9 +543,12 @@ async def _run_gateway(
     if _early_stop:
         stop.set()
     log.info("event loop", extra=fields(loop=loops.loop_name(loop), chosen=config.event_loop))
-    gateway = Gateway(config, reuse_port=reuse_port)
+    gateway = Gateway(config, reuse_port=reuse_port, admin_socket=admin_socket)
     reloader = Reloader(gateway, load, config_id=config_id, on_log=_relog)
-    gateway.reloader = reloader  # for the admin server's POST /reload
+    gateway.reloader = reloader
+    if config.admin.address is not None and not admin_socket:
+        # A fleet's worker reloads at its supervisor's word, which serves /reload itself.
+        _admin_reload(reloader, lambda: draining)
     reloads: set[asyncio.Task[Any]] = set()
     draining = False
 
@@ -634,6 +693,11 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
             return replace(new, listeners=_worker_listeners(new)), new_id
 
         ready = os.environ.get(WORKER_READY_ENV)
+        admin_socket = ""
+        if config.admin.address is not None:  # the supervisor serves it; this worker, a socket
+            from lbgw.admin_fleet import worker_socket  # noqa: PLC0415 - aiohttp only when asked
+
+            admin_socket = worker_socket()
         return loops.run(
             _run_gateway(
                 replace(config, listeners=listeners),
@@ -641,6 +705,7 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 load=worker_load,
                 config_id=config_id,
                 ready_fd=int(ready) if ready else None,
+                admin_socket=admin_socket,
             ),
             config.event_loop,
         )
@@ -707,15 +772,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args, argv)
         if args.command == "check-config":
             return _check_config(args)
+        if args.command == "explain":
+            from lbgw.admin import explain_command  # noqa: PLC0415 - aiohttp only when asked
+
+            return asyncio.run(explain_command(args.admin, args.method, args.headers, args.peer))
         from lbgw import demo  # noqa: PLC0415 - the demo backend is not needed to serve
 
         if args.command == "demo":
             configure("info", "text")
             # The OTEL_* variables trace the demo too, e.g. into a local Jaeger.
             tracing = tracing_from_env(TracingConfig(), os.environ)
+            admin = args.admin
+            if admin is None:  # a free port when the gateway's is, as in tests
+                admin = "127.0.0.1:0" if args.listen.endswith(":0") else "127.0.0.1:9901"
             return asyncio.run(
                 demo.run_demo(
-                    args.listen, args.calls, once=args.once, tracing=tracing, tls=args.tls
+                    args.listen,
+                    args.calls,
+                    once=args.once,
+                    tracing=tracing,
+                    tls=args.tls,
+                    admin=admin,
                 )
             )
         return asyncio.run(

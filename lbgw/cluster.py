@@ -207,7 +207,7 @@ class Cluster:
             return self.balancer.pick(exclude).decision
         return self.decide(context.invocation_metadata(), context.peer(), method, exclude)
 
-    def decide(
+    def decide(  # noqa: PLR0913 - the call's parts, then how to decide
         self,
         metadata: _Metadata,
         peer: str,
@@ -215,6 +215,7 @@ class Cluster:
         exclude: Endpoint | None = None,
         *,
         explain: bool = False,
+        dry_run: bool = False,
     ) -> Decision:
         """Pick by the call's sticky token, then its hash key, else by the strategy.
 
@@ -222,7 +223,9 @@ class Cluster:
         left out, how a key or token decided it and how long it took (for
         a sampled call's trace); this costs a few µs, so only then. Counts
         the endpoint as started. Raises ``NoEligibleEndpointError`` (with
-        ``skipped`` when explaining).
+        ``skipped`` when explaining). With ``dry_run`` (``/explain``, which
+        implies ``explain``), nothing changes: the kernels peek, the endpoint
+        is not counted, and the next real pick of the same call is this one.
         """
         pinned: Endpoint | None = None
         token_seen = False
@@ -234,9 +237,9 @@ class Cluster:
                 pinned = None
             if pinned is None:
                 key = affinity.key(metadata, peer, method)
-        if not explain:
+        if not (explain or dry_run):
             return self._choose(pinned, key, exclude).decision
-        return self._explained(pinned, token_seen, key, exclude)
+        return self._explained(pinned, token_seen, key, exclude, dry_run=dry_run)
 
     def _choose(
         self, pinned: Endpoint | None, key: bytes | None, exclude: Endpoint | None
@@ -250,12 +253,24 @@ class Cluster:
             return balancer.pick_key(key, exclude)
         return balancer.pick(exclude)
 
+    def _peek(self, pinned: Endpoint | None, key: bytes | None) -> Endpoint:
+        """What ``_choose`` would return now, changing nothing (``/explain``)."""
+        if pinned is not None:
+            return pinned
+        balancer = self.balancer
+        e = balancer.peek() if key is None else balancer.peek_key(key)
+        if e is None:
+            raise NoEligibleEndpointError(self.name)
+        return e
+
     def _explained(
         self,
         pinned: Endpoint | None,
         token_seen: bool,
         key: bytes | None,
         exclude: Endpoint | None,
+        *,
+        dry_run: bool = False,
     ) -> Decision:
         """``_choose``, with what it compared and left out, and why, read just before."""
         balancer = self.balancer
@@ -278,7 +293,7 @@ class Cluster:
         skipped = tuple(self.health.skipped(exclude))
         started = time.perf_counter_ns()
         try:
-            e = self._choose(pinned, key, exclude)
+            e = self._peek(pinned, key) if dry_run else self._choose(pinned, key, exclude)
         except NoEligibleEndpointError as exc:
             exc.skipped = skipped
             raise

@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from lbgw.config import TracingConfig, config_from_mapping
+from lbgw.config import AdminConfig, TracingConfig, config_from_mapping
 from lbgw.health import HealthService
 from lbgw.pb import echo_pb2, echo_pb2_grpc
 from lbgw.server import Gateway
@@ -105,29 +105,32 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
-async def run_demo(
+async def run_demo(  # noqa: PLR0913 - the demo's flags
     listen: str,
     calls: int,
     *,
     once: bool,
     tracing: TracingConfig | None = None,
     tls: bool = False,
+    admin: str | None = None,
 ) -> int:
-    """``lbgw demo``; with ``tls``, mTLS on both sides under a throwaway CA."""
+    """``lbgw demo``; with ``tls``, mTLS on both sides under a throwaway CA; ``admin``: the
+    admin port's address (its status page)."""
     if not tls:
-        return await _run_demo(listen, calls, once=once, tracing=tracing, pki=None)
+        return await _run_demo(listen, calls, once=once, tracing=tracing, pki=None, admin=admin)
     with tempfile.TemporaryDirectory(prefix="lbgw-demo-tls-") as directory:
         pki = _DemoPki(Path(directory))
-        return await _run_demo(listen, calls, once=once, tracing=tracing, pki=pki)
+        return await _run_demo(listen, calls, once=once, tracing=tracing, pki=pki, admin=admin)
 
 
-async def _run_demo(
+async def _run_demo(  # noqa: PLR0913 - the demo's flags
     listen: str,
     calls: int,
     *,
     once: bool,
     tracing: TracingConfig | None,
     pki: _DemoPki | None,
+    admin: str | None,
 ) -> int:
     # Ctrl-C or SIGTERM stops the demo at any point, start-up included.
     stop = asyncio.Event()
@@ -175,12 +178,16 @@ async def _run_demo(
         )
         if tracing is not None:
             config = dataclasses.replace(config, tracing=tracing)
+        if admin is not None:
+            config = dataclasses.replace(config, admin=AdminConfig(address=admin))
         async with Gateway(config) as gateway:
             address = gateway.addresses[0]
             mode = " with mTLS on both sides (a throwaway CA)" if pki is not None else ""
             print(
                 f"lbgw demo: gateway on {address}{mode}, backends {a} (weight 1) and {b} (weight 3)"
             )
+            if gateway.admin_server is not None:
+                print(f"lbgw demo: status page on {gateway.admin_server.url}")
             status = await call(address, calls, "hello", 5.0, credentials=client)
             if once or status or stop.is_set():
                 return status

@@ -150,16 +150,22 @@ class Endpoint:
     __slots__ = (
         "address",
         "backend",
+        "busy_ns",
         "calls",
+        "codes",
         "decision",
+        "drained",
         "ejected_at",
         "ejections",
+        "ejections_total",
         "failed_checks",
         "failures",
         "index",
+        "last_check",
         "leaving",
         "passed_checks",
         "ramp_from",
+        "reason",
         "refusal_logged",
         "reinstated_at",
         "share",
@@ -195,6 +201,15 @@ class Endpoint:
         #: Once removed from its cluster: its calls still in flight, and the
         #: callback that runs when the last one ends (``Cluster.update``).
         self.leaving: Leaving | None = None
+        #: Out of rotation by hand (the admin port's drain), whatever its health says.
+        self.drained = False
+        #: Attempts on this endpoint by status code, counted by the proxy when metrics are on.
+        self.codes: dict[grpc.StatusCode, int] = {}
+        self.busy_ns = 0  # the time its attempts took, added up (with metrics on)
+        self.reason = "starting"  # why it is in its state: the last transition's reason
+        self.ejections_total = 0  # passive ejections since it joined
+        #: The last active check: (loop time, "passed" or "failed", reason); None before one.
+        self.last_check: tuple[float, str, str] | None = None
 
     def __repr__(self) -> str:
         where = f"#{self.index}" if self.index >= 0 else "removed"
@@ -246,6 +261,9 @@ class ClusterHealth:
         self.panic = False
         self.serving = True  # whether any endpoint is in rotation
         self._draining = False
+        #: Active check results since start, "passed" and "failed" (the admin port's metrics).
+        self.checks = {"passed": 0, "failed": 0}
+        self.ejections = 0  # passive ejections since start
 
     def __repr__(self) -> str:
         counts: dict[str, int] = {}
@@ -280,6 +298,8 @@ class ClusterHealth:
         """
         e.failed_checks = 0
         e.passed_checks += 1
+        self.checks["passed"] += 1
+        e.last_check = (self._clock(), "passed", reason)
         if e.state is State.DRAINING:
             return
         if (
@@ -293,6 +313,8 @@ class ClusterHealth:
         """A failed check; ``explicit`` when the endpoint itself said it is not serving."""
         e.passed_checks = 0
         e.failed_checks += 1
+        self.checks["failed"] += 1
+        e.last_check = (self._clock(), "failed", reason)
         if e.state in (State.DRAINING, State.NOT_SERVING):
             return
         if (
@@ -362,6 +384,8 @@ class ClusterHealth:
         if now - e.reinstated_at >= self._outlier.max_ejection_time:
             e.ejections = 0  # it stayed in long enough: start again from one
         e.ejections += 1
+        e.ejections_total += 1
+        self.ejections += 1
         duration = min(
             self._outlier.base_ejection_time * e.ejections, self._outlier.max_ejection_time
         )
@@ -385,6 +409,19 @@ class ClusterHealth:
             self._ramp_timer.cancel()
             self._ramp_timer = None
 
+    def set_drained(self, e: Endpoint, drained: bool) -> None:
+        """Take ``e`` out of rotation by hand, or put it back (HAProxy's "set server
+        state drain"): no new calls, the calls in flight finish. Its health state and
+        checks go on; it returns to rotation on ``undrain`` if its health allows."""
+        if e.drained == drained:
+            return
+        e.drained = drained
+        log.info(
+            "endpoint drained" if drained else "endpoint undrained",
+            extra=fields(cluster=self.name, endpoint=e.address, state=e.state.value),
+        )
+        self._sync()
+
     def leave(self, endpoints: Sequence[Endpoint], reason: str) -> None:
         """These leave the cluster (``Cluster.update``): ``DRAINING``, for good.
 
@@ -407,6 +444,7 @@ class ClusterHealth:
         if new is old:
             return
         e.state = new
+        e.reason = reason
         if old is State.EJECTED:
             e.reinstated_at = self._clock()
         if e.timer is not None and new is not State.EJECTED:
@@ -451,6 +489,7 @@ class ClusterHealth:
         balancer = self.balancer
         for e in endpoints:
             eligible = e.state in ELIGIBLE or (panic and e.state is not State.DRAINING)
+            eligible = eligible and not e.drained
             if balancer.is_eligible(e.index) != eligible:
                 balancer.set_eligible(e.index, eligible)
         self._ramp()
@@ -493,7 +532,7 @@ class ClusterHealth:
         """
         balancer = self.balancer
         return [
-            (e.address, "tried" if e is exclude else e.state.value)
+            (e.address, "tried" if e is exclude else "drained" if e.drained else e.state.value)
             for e in self.endpoints
             if e is exclude or not balancer.is_eligible(e.index)
         ]

@@ -277,6 +277,8 @@ class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # no
         self._tracked: dict[str, ClusterHealth] = {}
         self._watchers: dict[str, set[asyncio.Queue[int]]] = {}
         self._draining = False
+        #: ``""`` NOT_SERVING by hand (the admin port's ``/healthcheck/fail``), until ``ok``.
+        self.failed = False
 
     def __repr__(self) -> str:
         states = {
@@ -288,11 +290,24 @@ class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # no
     def set(self, service: str, serving: bool) -> None:
         """Set a service's status; after ``drain`` everything stays NOT_SERVING."""
         status = _SERVING if serving and not self._draining else _NOT_SERVING
+        if service == "" and self.failed:
+            status = _NOT_SERVING
         if self._status.get(service) == status:
             return
         self._status[service] = status
         for queue in self._watchers.get(service, ()):
             queue.put_nowait(status)
+
+    def fail(self, failed: bool) -> None:
+        """Turn ``""`` NOT_SERVING by hand (a manual drain), or back to SERVING (Envoy's
+        ``/healthcheck/fail`` and ``/healthcheck/ok``); a shutdown's drain still wins."""
+        self.failed = failed
+        self.set("", True)
+
+    @property
+    def serving(self) -> bool:
+        """Whether ``""`` is SERVING: not draining, not failed by hand."""
+        return bool(self._status.get("") == _SERVING)
 
     def drain(self) -> None:
         """NOT_SERVING for every service, for good: a drain or shutdown has started."""

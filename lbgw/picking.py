@@ -322,6 +322,18 @@ class _SeededKernel(_Kernel):
     def seed(self, seed: int | None) -> None:
         self._rng = _Rng(_random_seed() if seed is None else seed)
 
+    def peek(self) -> int:
+        """What the next ``pick()`` returns, drawn from a copy of the generator (``/explain``).
+
+        A pick that draws changes nothing but the generator, so this is the
+        pick itself with the generator's state put back.
+        """
+        state = self._rng.state
+        try:
+            return self.pick()
+        finally:
+            self._rng.state = state
+
 
 def _peek_two(dense: list[int], rng: _Rng, x: int, p2c: bool) -> tuple[int, int]:
     """The pair a P2C pick over ``dense`` would draw next, skipping backend ``x`` (-1: none),
@@ -521,6 +533,24 @@ class SmoothWeightedRoundRobin(_Kernel):
         cur[best] -= self._total
         return best
 
+    def peek(self) -> int:
+        """What the next ``pick()`` returns, without moving the schedule (``/explain``)."""
+        dense = self._dense
+        if not dense:
+            return -1
+        if self._edf:
+            return self._heap[0]
+        cur = self._cur
+        w = self._w
+        best = -1
+        best_cur = 0
+        for i in dense:
+            c = cur[i] + w[i]
+            if best < 0 or c > best_cur:
+                best = i
+                best_cur = c
+        return best
+
 
 class RoundRobin(_Kernel):
     """Plain round robin over the backends in rotation, in index order.
@@ -599,6 +629,11 @@ class RoundRobin(_Kernel):
         self._resume = q + 1 if q + 1 < m else 0
         self._stop = p + 1
         return dense[q]
+
+    def peek(self) -> int:
+        """What the next ``pick()`` returns, without taking the turn (``/explain``)."""
+        dense = self._dense
+        return dense[self._next] if dense else -1
 
 
 class Random(_SeededKernel):
@@ -820,6 +855,12 @@ class LeastRequest(_SeededKernel):
         """
         return _peek_two(self._dense, self._rng, _excluded(exclude, self._n), self._equal)
 
+    def peek(self) -> int:
+        """What the next ``pick()`` returns, without drawing or moving the schedule."""
+        if self._equal or not self._dense:
+            return super().peek()
+        return int(self._heap[0][2])
+
 
 class PeakEwma(_SeededKernel):
     """Peak EWMA, the "least response time" strategy (Finagle, tower, Linkerd).
@@ -1015,6 +1056,14 @@ class PeakEwma(_SeededKernel):
         ``(-1, -1)`` with fewer than two in rotation besides ``exclude``.
         """
         return _peek_two(self._dense, self._rng, _excluded(exclude, self._n), True)
+
+    def peek_p2c(self) -> int:
+        """What the next ``pick_p2c()`` returns, drawn from a copy of the generator."""
+        state = self._rng.state
+        try:
+            return self.pick_p2c()
+        finally:
+            self._rng.state = state
 
     def pick_p2c_many(self, count: int) -> int:
         total = 0

@@ -79,6 +79,7 @@ from lbgw.exceptions import (
     RequestHeaderTimeoutError,
 )
 from lbgw.logs import fields
+from lbgw.metrics import Meter
 from lbgw.replay import ClientStream
 from lbgw.routing import Router
 from lbgw.telemetry import Telemetry, TracedCall, end_span
@@ -156,15 +157,18 @@ class Proxy(grpc.GenericRpcHandler):
         identity: ClientIdentity | None = None,
         admission: Admission | None = None,
         header_timeout: float = 0.0,
+        meter: Meter | None = None,
     ) -> None:
         """``identity``: add the client certificate's XFCC to forwarded calls (issue 14);
         ``admission``: the gateway's cap on calls (None: no cap); ``header_timeout``:
-        ``request_header_timeout`` in seconds (0: none)."""
+        ``request_header_timeout`` in seconds (0: none); ``meter``: count calls for the admin
+        port's metrics (None: metrics off)."""
         self._router = router
         self._telemetry = telemetry or Telemetry(TracingConfig(exporter="none"))
         self._identity = identity
         self.admission = admission or Admission(2**62)
         self._header_timeout = header_timeout
+        self._meter = meter
         self._known: dict[str, _Handler] = {}
         self._recent: collections.OrderedDict[str, _Handler] = collections.OrderedDict()
         for cluster in clusters:
@@ -206,7 +210,7 @@ class Proxy(grpc.GenericRpcHandler):
         target = self._router.match(method)
         if target is None:
             return grpc.stream_stream_rpc_method_handler(
-                _reject(NoRouteError(method), self._telemetry, method)
+                _reject(NoRouteError(method), self._telemetry, method, self._meter)
             )
         handler = self._build(target, method)
         self._recent[method] = handler
@@ -231,6 +235,7 @@ class Proxy(grpc.GenericRpcHandler):
             self._identity,
             admission=self.admission,
             header_timeout=self._header_timeout,
+            meter=self._meter,
         )
         if kind is MethodKind.UNARY:  # gRPC's fast path
             return grpc.unary_unary_rpc_method_handler(forward)
@@ -243,12 +248,14 @@ class Proxy(grpc.GenericRpcHandler):
 
 
 def _reject(
-    error: GatewayError, telemetry: Telemetry, method: str
+    error: GatewayError, telemetry: Telemetry, method: str, meter: Meter | None = None
 ) -> Callable[[Any, _Context], Awaitable[None]]:
     code, message = error.code, str(error)
     traced = telemetry.enabled
 
     async def reject(request: Any, context: _Context) -> None:
+        if meter is not None:
+            meter.call(code, 0)
         if traced:  # a call rejected before any attempt still has its server span
             parent = telemetry.extract(context.invocation_metadata())
             end_span(telemetry.server_span(method, context.peer(), parent), code, message)
@@ -555,6 +562,7 @@ def _forwarder(  # noqa: PLR0913, PLR0915 - the attempt loop, inline: it runs on
     *,
     admission: Admission,
     header_timeout: float,
+    meter: Meter | None = None,
 ) -> Callable[[Any, _Context], Awaitable[Any]]:
     """The handler of ``method``: one attempt loop for every call kind.
 
@@ -585,15 +593,21 @@ def _forwarder(  # noqa: PLR0913, PLR0915 - the attempt loop, inline: it runs on
     start_pending, end_pending = breaker.start_pending, breaker.end_pending
     timed = streaming_request and header_timeout > 0
     _EXPIRED = RequestHeaderTimeoutError(header_timeout)  # noqa: N806 - a constant
+    # Metrics (the admin port): plain counts, read when scraped (metrics.py).
+    cm = None if meter is None else meter.cluster(cluster.name)
 
     async def forward(request: Any, context: _Context) -> Any:
         """The call's limits, then its attempts (``attempts``)."""
         overloaded = admit()
         if overloaded is not None:
+            if meter is not None:
+                meter.call(overloaded.code, 0)
             return await _refuse_early(context, overloaded, telemetry, method)
         try:
             broken = start_request()
             if broken is not None:
+                if meter is not None:
+                    meter.call(broken.code, 0)
                 return await _refuse_early(context, broken, telemetry, method)
             try:
                 return await attempts(request, context)
@@ -604,9 +618,12 @@ def _forwarder(  # noqa: PLR0913, PLR0915 - the attempt loop, inline: it runs on
 
     async def attempts(request: Any, context: _Context) -> Any:  # noqa: PLR0912, PLR0915
         tr = TracedCall(telemetry, target, method, context) if traced else None
+        began = clock()
         try:
             e = pick(context, method).endpoint if tr is None else tr.pick(1, None, None)
         except NoEligibleEndpointError as exc:
+            if meter is not None:
+                meter.call(exc.code, clock() - began)
             await _refuse(context, tr, exc)
         metadata = forwarded_metadata(context.invocation_metadata())
         if identity is not None:  # forward_client_cert: the verified client's XFCC
@@ -699,6 +716,8 @@ def _forwarder(  # noqa: PLR0913, PLR0915 - the attempt loop, inline: it runs on
                         end_pending()
                     if attempt > 1:
                         breaker.end_retry()
+                    if cm is not None:
+                        cm.attempt(e, code, clock() - start)
                 attempt += 1
                 e = retry_to
         finally:
@@ -707,6 +726,10 @@ def _forwarder(  # noqa: PLR0913, PLR0915 - the attempt loop, inline: it runs on
             budget.active -= 1
             if attempt > 1:
                 budget.retrying -= 1
+            if meter is not None:
+                meter.call(code, clock() - began)
+                if attempt > 1 and code is _OK:
+                    cm.retry_success += 1  # type: ignore[union-attr]  # set with meter
             if tr is not None:
                 tr.end(code, details)
 

@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import socket
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from grpc import aio
 from grpc_health.v1 import health_pb2_grpc
@@ -30,6 +30,7 @@ from lbgw.discovery import DnsDiscovery
 from lbgw.exceptions import StartError
 from lbgw.health import HealthService
 from lbgw.logs import fields
+from lbgw.metrics import Meter
 from lbgw.proxy import Proxy
 from lbgw.reload import Plan, Reloader, Switch, plan
 from lbgw.routing import Router
@@ -43,6 +44,9 @@ from lbgw.tls import (
     as_config_error,
     client_identity,
 )
+
+if TYPE_CHECKING:
+    from lbgw.admin import AdminServer, GatewayAdmin
 
 __all__ = ["Gateway"]
 
@@ -79,13 +83,23 @@ class Gateway:
         reuse_port: bool = False,
         telemetry: Telemetry | None = None,
         tls_poll_interval: float = 5.0,
+        admin_socket: str = "",
     ) -> None:
         """``telemetry`` replaces the one ``config.tracing`` describes (tests pass their own).
 
         ``tls_poll_interval``: seconds between looks at the backend TLS files
-        (listener files are looked at by each new connection).
+        (listener files are looked at by each new connection). ``admin_socket``:
+        a worker's admin port, on this Unix socket (``--workers``).
         """
         self.config = config
+        self._admin_socket = admin_socket
+        #: The admin port (``[admin] address``), and the call counts its metrics read.
+        self.admin: GatewayAdmin | None = None
+        self.admin_server: AdminServer | None = None
+        metered = config.admin.address is not None or bool(admin_socket)
+        self.meter = Meter(c.name for c in config.clusters) if metered else None
+        self.router: Router[Target] | None = None
+        self._listening = False
         self.telemetry = telemetry if telemetry is not None else Telemetry(config.tracing)
         self._reuse_port = reuse_port
         self._server: _Servers | None = None
@@ -149,6 +163,8 @@ class Gateway:
         for cluster in self.clusters.values():
             await cluster.learn_kinds()
 
+        if self.meter is not None:  # imported before serving: no first call waits for it
+            from lbgw.admin import start_gateway_admin  # noqa: PLC0415 - aiohttp only when asked
         self.proxy = self._proxy(config, self.clusters)
         self._switch = Switch(self.proxy)
         servers = _Servers()
@@ -157,8 +173,11 @@ class Gateway:
             servers.add(lc.address, *await self._serve(config, lc.address, lc.address))
         self.addresses = servers.addresses
         self._watch_tls()
+        self._listening = True
         for address in self.addresses:
             log.info("listening", extra=fields(address=address))
+        if self.meter is not None:
+            self.admin, self.admin_server = await start_gateway_admin(self, path=self._admin_socket)
         for cluster in self.clusters.values():
             log.info(
                 "cluster",
@@ -255,17 +274,19 @@ class Gateway:
         def target(route: RouteConfig) -> Target:
             return Target.of(route, clusters)
 
+        self.router = Router(config.routes, target)
         identity = client_identity(config)
         # One cap for the gateway, kept across reloads: calls in flight under the
         # old proxy still count.
         self.admission.set_limit(config.limits.max_calls_in_flight)
         return Proxy(
-            Router(config.routes, target),
+            self.router,
             clusters.values(),
             self.telemetry,
             identity=identity if identity is not None and identity.forward else None,
             admission=self.admission,
             header_timeout=config.limits.request_header_timeout,
+            meter=self.meter,
         )
 
     async def _serve(self, config: Config, listener: str, address: str) -> tuple[aio.Server, str]:
@@ -442,6 +463,11 @@ class Gateway:
         await cluster.close()
         log.info("cluster retired", extra=fields(cluster=name, cut=cluster.budget.active))
 
+    @property
+    def serving(self) -> bool:
+        """Whether the listeners are up (and no stop has begun)."""
+        return self._listening and self._server is not None
+
     async def wait(self) -> None:
         """Until the gateway stops serving."""
         if self._server is not None:
@@ -471,6 +497,9 @@ class Gateway:
             await self._close(server, None if grace is None else grace - delay)
 
     async def _close(self, server: _Servers | None, grace: float | None) -> None:
+        admin, self.admin = self.admin, None
+        if admin is not None:
+            await admin.stop()
         if self._tls_watch is not None:
             self._tls_watch.cancel()
             self._tls_watch = None
@@ -491,6 +520,9 @@ class Gateway:
             await cluster.close()
         # Flushes the spans still queued; it blocks, so off the event loop.
         await asyncio.to_thread(self.telemetry.shutdown)
+        admin_server, self.admin_server = self.admin_server, None
+        if admin_server is not None:  # last: /ready says 503 for the whole drain
+            await admin_server.stop()
 
 
 def _identity(config: Config) -> tuple[tuple[str, ...], bool] | None:

@@ -34,18 +34,26 @@ itself. What it does:
   once all have drained, killing one still running ``grace_period`` + 10 s
   later.
 
-The structure, for a later hook (one admin address shared by the workers,
-say): ``Supervisor._spawn`` makes one worker (its environment is built in
-``_env``), ``_tick`` looks after them once, ``_reload`` handles a SIGHUP,
-``_resize`` follows a new number of workers.
+* **The admin port** (``[admin] address``, ``--admin``) is the
+  supervisor's: one address for the whole gateway (``admin_fleet.Fleet``,
+  in a thread of its own), answering from the workers' own admin apps on
+  Unix sockets. ``POST /reload`` there is a SIGHUP to the supervisor, and
+  answers once the new config is validated and sent to the workers.
+
+The structure: ``Supervisor._spawn`` makes one worker (its environment is
+built in ``_env``), ``_tick`` looks after them once, ``_reload`` handles a
+SIGHUP or a ``POST /reload``, ``_resize`` follows a new number of workers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import logging
 import os
+import queue
 import secrets
 import select
 import signal
@@ -56,12 +64,15 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
 
 from lbgw.config import STICKY_SECRET_ENV, Config, parse_address
 from lbgw.exceptions import ConfigError
 from lbgw.logs import fields
 from lbgw.reload import plan
+
+if TYPE_CHECKING:
+    from lbgw.admin_fleet import Fleet
 
 __all__ = [
     "CRASH_LOOP_DEATHS",
@@ -168,6 +179,12 @@ class Supervisor:
         self._secret = os.environ.get(STICKY_SECRET_ENV) or secrets.token_urlsafe(32)
         self._held = reserve_ports(config, {})
         self._write(data)
+        #: The admin port over the workers (``[admin] address``); None without one.
+        self.fleet: Fleet | None = None
+        # POST /reload on the admin port: futures the run loop answers (``_reload``).
+        self._asked: queue.SimpleQueue[concurrent.futures.Future[dict[str, Any]]] = (
+            queue.SimpleQueue()
+        )
 
     def __repr__(self) -> str:
         return (
@@ -209,6 +226,8 @@ class Supervisor:
         env[WORKER_PARENT_ENV] = str(os.getpid())
         env[WORKER_ENV] = str(slot)
         env[WORKER_READY_ENV] = str(self._ready_w)
+        if self.fleet is not None:  # the worker's admin socket and the metrics directory
+            env.update(self.fleet.worker_env(slot))
         if self._snapshot is not None:
             env[WORKER_CONFIG_ENV] = self._snapshot
         return env
@@ -256,6 +275,7 @@ class Supervisor:
             if code is None:
                 continue
             self.workers.remove(w)
+            self._gone(w)
             self.deaths.append(now)
             while self.deaths and self.deaths[0] < now - CRASH_LOOP_WINDOW:
                 self.deaths.popleft()
@@ -280,6 +300,7 @@ class Supervisor:
         for w, deadline in list(self.retiring):
             if w.process.poll() is not None:
                 self.retiring.remove((w, deadline))
+                self._gone(w)
                 log.info("old worker exited", extra=fields(pid=w.pid, code=w.process.returncode))
             elif now > deadline:
                 log.error("old worker did not stop; killing it", extra=fields(pid=w.pid))
@@ -288,7 +309,16 @@ class Supervisor:
 
     # -- reloads ----------------------------------------------------------------------------
 
-    def _reload(self) -> None:
+    def _gone(self, w: Worker) -> None:
+        if self.fleet is not None:  # its live gauges no longer count; its counters do
+            self.fleet.worker_exited(w.pid)
+
+    def _reload(self) -> dict[str, Any]:
+        """Validate the config once, write it for the workers and SIGHUP them; the outcome.
+
+        The answer (``POST /reload``'s) says whether the config was taken;
+        each worker then applies it and logs ``reloaded`` with its hash.
+        """
         try:
             config, config_id, data = self._load()
         except ConfigError as exc:
@@ -296,13 +326,13 @@ class Supervisor:
                 "reload refused: config invalid, still running the old one",
                 extra=fields(source=exc.source, key=exc.key, error=str(exc), config=self.config_id),
             )
-            return
+            return {"ok": False, "config": self.config_id, "error": str(exc)}
         change = plan(self.config, config)
         try:
             held = reserve_ports(config, self._held)
         except OSError as exc:
             log.error("reload failed: cannot reserve a port", extra=fields(error=str(exc)))
-            return
+            return {"ok": False, "config": self.config_id, "error": str(exc)}
         for listener, (_, holder) in self._held.items():
             if listener not in held and holder is not None:
                 holder.close()
@@ -313,10 +343,45 @@ class Supervisor:
         log.info(
             "reload", extra=fields(config=config_id, addresses=self.addresses, **change.summary())
         )
+        if self.fleet is not None:
+            self.fleet.config = config
         for w in self.workers:
             self._hup(w)
         if change.workers:
             self._resize(config.workers, old_grace)
+        return {
+            "ok": True,
+            "config": config_id,
+            "error": None,
+            "plan": change.summary(),
+            "workers": [w.pid for w in self.workers],
+        }
+
+    def _start_fleet(self) -> Fleet:
+        """The admin port over the workers, with ``POST /reload`` answered by the run loop."""
+        from lbgw.admin import register_action  # noqa: PLC0415 - aiohttp only when asked
+        from lbgw.admin_fleet import Fleet  # noqa: PLC0415
+
+        async def reload_action(query: Any) -> dict[str, Any]:
+            future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+            self._asked.put(future)
+            return await asyncio.wrap_future(future)
+
+        register_action("/reload", reload_action)
+        fleet = Fleet(self.config)
+        address = fleet.start()  # raises StartError
+        log.info("admin listening", extra=fields(address=address, url=f"http://{address}/"))
+        return fleet
+
+    def _answer_reloads(self) -> None:
+        while True:
+            try:
+                future = self._asked.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                log.info("POST /reload: reloading", extra=fields(config=self.config_id))
+                future.set_result(self._reload())
 
     def _resize(self, n: int, grace: float) -> None:
         """Start workers up to ``n``, or stop (drain) those past it."""
@@ -339,6 +404,8 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
+        if self.config.admin.address is not None:
+            self.fleet = self._start_fleet()
         self.workers = [self._spawn(n) for n in range(self.config.workers)]
         log.info(
             "workers",
@@ -354,6 +421,7 @@ class Supervisor:
                 if self._reload_asked:
                     self._reload_asked = False
                     self._reload()
+                self._answer_reloads()
                 failed = self._tick()
                 if failed is not None:
                     status = failed
@@ -382,6 +450,14 @@ class Supervisor:
             # was not serving yet: that is a clean stop too.
             if code not in (0, -signal.SIGTERM):
                 status = 1
+            self._gone(w)
+        if self.fleet is not None:
+            while not self._asked.empty():  # asked while stopping: answered, not reloaded
+                with contextlib.suppress(queue.Empty, concurrent.futures.InvalidStateError):
+                    self._asked.get_nowait().set_result(
+                        {"ok": False, "config": self.config_id, "error": "stopping"}
+                    )
+            self.fleet.stop()
         for _, holder in self._held.values():
             if holder is not None:
                 holder.close()

@@ -16,6 +16,7 @@ defaults. Layout of the TOML file::
                      slow_start, retries, sticky, circuit_breakers, tls, dns (instead of endpoints)
     [[routes]]    one of method / service / package / default, cluster, retry_on
     [tracing]     service_name, exporter, endpoint, ... (see TracingConfig)
+    [admin]       address, allow_remote, per_endpoint_metrics
 """
 
 from __future__ import annotations
@@ -669,6 +670,39 @@ class TracingConfig:
         return DEFAULT_OTLP_ENDPOINT if self.endpoint is None else self.endpoint
 
 
+def _admin_address(text: str) -> None:
+    try:
+        parse_address(text)
+    except ValueError:
+        raise Invalid("host:port, such as 127.0.0.1:9901 (IPv6 as [addr]:port)", text) from None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (as in an address, IPv6 in brackets) is this machine only."""
+    bare = host.removeprefix("[").removesuffix("]")
+    if bare == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bare).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """``[admin]``: the admin HTTP port (metrics, status page, drain, explain).
+
+    Off unless ``address`` is set (or ``--admin``). A non-loopback address
+    needs ``allow_remote = true``: the admin port can drain the gateway.
+    """
+
+    #: host:port; None: no admin server.
+    address: str | None = field(default=None, metadata=spec(check=_admin_address))
+    allow_remote: bool = False
+    #: Per-endpoint labels on the upstream metrics (one series per endpoint: mind the cardinality).
+    per_endpoint_metrics: bool = False
+
+
 _SERVER: Final = "server"
 
 
@@ -686,6 +720,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     log: LogConfig = field(default_factory=LogConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     #: Seconds that in-flight calls get on SIGTERM.
     grace_period: float = field(default=10.0, metadata=spec(table=_SERVER))
     #: Seconds between lbgw's health turning NOT_SERVING and its listeners

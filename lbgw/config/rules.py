@@ -14,11 +14,19 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
-from lbgw.config.fields import Invalid, Spec, is_dotted, is_metadata_key, is_method_name
+from lbgw.config.fields import (
+    Invalid,
+    Spec,
+    is_dotted,
+    is_metadata_key,
+    is_method_name,
+    parse_address,
+)
 from lbgw.config.model import (
     HASH_STRATEGIES,
     ROUTE_MATCHES,
     WEIGHTED_STRATEGIES,
+    AdminConfig,
     ClusterConfig,
     ClusterTlsConfig,
     Config,
@@ -26,6 +34,7 @@ from lbgw.config.model import (
     ListenerTlsConfig,
     RouteConfig,
     TracingConfig,
+    is_loopback,
 )
 from lbgw.kernels import MAX_BACKENDS, MAX_TABLE_SIZE
 
@@ -135,6 +144,26 @@ def check_tracing(tracing: TracingConfig, table: Mapping[str, Any]) -> None:
     raise Invalid(f"at most the queue size, {queue}", batch, at="bsp_max_export_batch_size")
 
 
+def check_admin(admin: AdminConfig, table: Mapping[str, Any]) -> None:
+    """A non-loopback admin address only with ``allow_remote = true``."""
+    refused = remote_admin_refused(admin)
+    if refused is not None:
+        raise Invalid(refused, admin.address, at="address")
+
+
+def remote_admin_refused(admin: AdminConfig) -> str | None:
+    """What a non-loopback admin address without ``allow_remote`` should have been, or None."""
+    if admin.address is None or admin.allow_remote:
+        return None
+    host, _ = parse_address(admin.address)
+    if is_loopback(host):
+        return None
+    return (
+        "a loopback address such as 127.0.0.1:9901; the admin port can drain the gateway, "
+        "so serving it beyond this machine needs [admin] allow_remote = true"
+    )
+
+
 def check_config(config: Config, table: Mapping[str, Any]) -> None:
     """Each route names a cluster that exists, and matches what no other route does."""
     check_client_identity(config)
@@ -242,6 +271,7 @@ def check_client_identity(config: Config) -> None:
 CHECKS: Final[Mapping[type, tuple[Callable[[Any, Mapping[str, Any]], None], ...]]] = {
     ClusterConfig: (check_cluster,),
     TracingConfig: (check_tracing,),
+    AdminConfig: (check_admin,),
     Config: (check_config,),
     ListenerTlsConfig: (check_listener_tls,),
     ClusterTlsConfig: (check_cluster_tls,),

@@ -291,7 +291,7 @@ BAD: list[tuple[str, str, str, str]] = [
         "unknown top-level key",
         MINIMAL + "[sever]\nworkers = 2\n",
         "sever",
-        "one of the keys clusters, limits, listeners, log, routes, server, tracing",
+        "one of the keys admin, clusters, limits, listeners, log, routes, server, tracing",
     ),
     (
         "unknown server key",

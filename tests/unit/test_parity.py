@@ -157,6 +157,14 @@ def run(k: Kernel, ops: Sequence[Op]) -> list[object]:  # noqa: PLR0912, PLR0915
         elif kind == "p2c_exclude":
             assert isinstance(k, EWMA_CLASSES)
             out.append([k.pick_p2c_excluding(i) for _ in range(a)])
+        elif kind == "dry":  # /explain's dry run: peek names the next pick, and moves nothing
+            peeked = k.peek()
+            if isinstance(k, EWMA_CLASSES):
+                peeked_p2c = k.peek_p2c()
+                assert peeked_p2c == k.pick_p2c()
+                out.append(peeked_p2c)
+            assert peeked == k.pick()
+            out.append(peeked)
         elif kind == "peek":
             assert isinstance(k, (*EWMA_CLASSES, *LEAST_REQUEST_CLASSES))
             out.append((k.peek_two(i), k.peek_two()))
@@ -187,6 +195,7 @@ def op_st(kernel: str, n: int) -> st.SearchStrategy[Op]:
         st.tuples(st.just("pick_many"), st.just(0), count, st.just(0)),
         st.tuples(st.just("exclude"), excluded, count, st.just(0)),
         st.tuples(st.just("retry"), st.just(0), st.integers(0, 3), st.just(0)),
+        st.tuples(st.just("dry"), st.just(0), st.just(0), st.just(0)),
     ]
     if kernel == "ewma":
         ops += [
@@ -262,7 +271,7 @@ def test_twins_make_identical_picks(variant: str, data: st.DataObject) -> None:
 def random_ops(rng: random.Random, kernel: str, n: int, count: int) -> list[Op]:
     """A long run of operations, mostly picks, for the seeded soak below."""
     kinds = ["pick"] * 6 + ["pick_many", "eligible", "weight", "started", "finished", "observe"]
-    kinds += ["exclude"] * 3 + ["retry"] * 3
+    kinds += ["exclude"] * 3 + ["retry"] * 3 + ["dry"]
     if kernel == "ewma":
         kinds += ["p2c", "p2c", "p2c_many", "cost", "p2c_exclude", "p2c_exclude"]
     if kernel.startswith(("least_request", "ewma")):
