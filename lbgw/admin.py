@@ -377,12 +377,24 @@ class GatewayAdmin:
             "pid": os.getpid(),
             "pids": [os.getpid()],
             "workers": config.workers,
-            "config_hash": config_hash(config),
+            # The hash the log gives (reload.config_hash: of the file's bytes), when known.
+            "config_hash": getattr(getattr(self.gateway, "reloader", None), "config_id", None)
+            or config_hash(config),
             "config_source": config.source,
             "implementation": kernels.IMPLEMENTATION,
             "event_loop": self.event_loop(),
             "listeners": list(self.gateway.addresses),
+            "certificates": self._certificates(),
         }
+
+    def _certificates(self) -> list[dict[str, Any]]:
+        """The TLS certificates in use: subject, SANs, expiry (issue 14)."""
+        state = getattr(self.gateway, "tls", None)
+        if state is None:
+            return []
+        from lbgw.tls import describe  # noqa: PLC0415 - cryptography only with TLS
+
+        return describe(state.in_use())
 
     def explain(self, query: Mapping[str, str], metadata: list[tuple[str, str]]) -> tuple[int, Any]:
         """``/explain``: (status, JSON). Changes nothing: the kernels peek."""

@@ -68,6 +68,8 @@ MULTIPROCESS_MODES: Final[Mapping[str, str]] = {
     "lbgw_endpoints": "livemax",
     "lbgw_outlier_ejections_active": "livemax",
     "lbgw_build_info": "livemax",
+    # Every worker loads the same certificates.
+    "lbgw_tls_cert_expiry_timestamp_seconds": "livemax",
 }
 
 
@@ -170,7 +172,7 @@ class GatewayCollector:
     def describe(self) -> list[Metric]:
         return []  # unchecked: the families depend on the clusters
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator[Metric]:  # noqa: PLR0915 - a few lines per family
         from prometheus_client.core import (  # noqa: PLC0415 - see the class docstring
             CounterMetricFamily,
             GaugeMetricFamily,
@@ -278,8 +280,87 @@ class GatewayCollector:
                 checks.add_metric([name, result], n)
             ejected.add_metric([name], sum(e.state is State.EJECTED for e in members))
             ejections.add_metric([name], c.health.ejections)
-        yield from (up_total, up_active, up_duration, retries, retry_ok, overflow)
-        yield from (endpoints, checks, ejected, ejections)
+        yield from (up_total, up_active, up_duration, retries, retry_ok, overflow, endpoints)
+        yield from (checks, ejected, ejections, *self._limits(gateway, clusters))
+        yield from self._fleet(gateway)
+
+    def _limits(self, gateway: Any, clusters: list[Cluster]) -> Iterator[Metric]:
+        """The gateway's cap and the clusters' circuit breakers (issue 15)."""
+        from prometheus_client.core import CounterMetricFamily  # noqa: PLC0415
+
+        admission = getattr(gateway, "admission", None)
+        if admission is not None:
+            yield CounterMetricFamily(
+                "lbgw_downstream_rq_overflow",
+                "client calls refused by the gateway's cap (max_calls_in_flight)",
+                value=admission.refused,
+            )
+        breakers = CounterMetricFamily(
+            "lbgw_circuit_breaker_open",
+            "calls and retries a cluster's circuit breaker refused, by limit",
+            labels=["cluster", "limit"],
+        )
+        for c in clusters:
+            for limit, n in c.breaker.overflows.items():
+                breakers.add_metric([c.name, limit], n)
+        yield breakers
+
+    def _fleet(self, gateway: Any) -> Iterator[Metric]:
+        """TLS certificates and reloads (issue 14), DNS discovery and config reloads (issue 16)."""
+        from prometheus_client.core import (  # noqa: PLC0415
+            CounterMetricFamily,
+            GaugeMetricFamily,
+        )
+
+        tls = getattr(gateway, "tls", None)
+        if tls is not None:
+            expiry = GaugeMetricFamily(
+                "lbgw_tls_cert_expiry_timestamp_seconds",
+                "when each certificate in use expires (notAfter), Unix seconds",
+                labels=["listener", "cluster"],
+            )
+            for (kind, name), when in sorted(tls.expiry_timestamps().items()):
+                expiry.add_metric([name, ""] if kind == "listener" else ["", name], when)
+            yield expiry
+            reloads = CounterMetricFamily(
+                "lbgw_tls_reload",
+                "certificate reloads after their files changed, by result",
+                labels=["result"],
+            )
+            for result, n in sorted(tls.reload_counts().items()):
+                reloads.add_metric([result], n)
+            yield reloads
+        discoveries = getattr(gateway, "discoveries", None)
+        if discoveries is not None:
+            dns = CounterMetricFamily(
+                "lbgw_dns_resolution",
+                "DNS discovery's resolutions by result (a failure or an empty answer keeps "
+                "the last good set)",
+                labels=["cluster", "result"],
+            )
+            changes = CounterMetricFamily(
+                "lbgw_dns_endpoint_changes",
+                "endpoint sets DNS discovery applied to a cluster",
+                labels=["cluster"],
+            )
+            for name, d in sorted(discoveries.items()):
+                dns.add_metric([name, "ok"], d.resolutions)
+                dns.add_metric([name, "failure"], d.failures - d.empty)
+                dns.add_metric([name, "empty"], d.empty)
+                changes.add_metric([name], d.changes)
+            yield dns
+            yield changes
+        reloader = getattr(gateway, "reloader", None)
+        if reloader is not None:  # with --workers, each worker counts the reloads it applied
+            config_reloads = CounterMetricFamily(
+                "lbgw_config_reload",
+                "config reloads (SIGHUP, POST /reload) by result: error, a config refused "
+                "or not applied, the old one still running",
+                labels=["result"],
+            )
+            config_reloads.add_metric(["ok"], reloader.reloads)
+            config_reloads.add_metric(["error"], reloader.failures)
+            yield config_reloads
 
 
 class Mirror:

@@ -301,6 +301,11 @@ class TlsState:
         with self._lock:
             return {k: c.not_after.timestamp() for k, c in self.certificates.items()}
 
+    def in_use(self) -> dict[tuple[str, str], Certificate]:
+        """A copy of ``certificates``, taken under the lock."""
+        with self._lock:
+            return dict(self.certificates)
+
     def reload_counts(self) -> dict[str, int]:
         with self._lock:
             return {"ok": self.reloads["ok"], "error": self.reloads["error"]}

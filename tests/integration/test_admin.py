@@ -10,6 +10,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import json
 import socket
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from grpc import aio
 from prometheus_client.parser import text_string_to_metric_families
 
 from lbgw.config import AdminConfig, Config, config_from_mapping
+from lbgw.pb import echo_pb2_grpc
 from lbgw.server import Gateway
 from lbgw.testing import EchoBackend
 from tests.integration.support import (
@@ -426,3 +428,72 @@ def test_demo_prints_the_status_page_url() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "status page on http://127.0.0.1:" in done.stdout
+
+
+async def test_a_tripped_circuit_breaker_and_the_gateway_cap_are_counted() -> None:
+    slow = EchoBackend("slow", delay=1.0)
+    async with echo_backends(slow) as (addr,):
+        cfg = config(
+            [addr],
+            cluster={"circuit_breakers": {"max_requests": 1}, "health_check": {"mode": "none"}},
+        )
+        async with admin_gateway(cfg) as (gateway, _, t):
+            held = asyncio.ensure_future(t.stub.Unary(request(), timeout=10))
+            async with asyncio.timeout(5):
+                while slow.seen.calls == 0:
+                    await asyncio.sleep(0.01)
+            with pytest.raises(aio.AioRpcError) as tripped:
+                await t.stub.Unary(request(), timeout=5)
+            assert tripped.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert "circuit breaker open: max_requests 1" in (tripped.value.details() or "")
+            await held
+            got = await scrape(gateway)
+    opened = "lbgw_circuit_breaker_open_total"
+    assert got[opened, (("cluster", "echo"), ("limit", "max_requests"))] == 1
+    assert got[opened, (("cluster", "echo"), ("limit", "max_retries"))] == 0
+    assert got["lbgw_downstream_rq_total", (("grpc_code", "UNAVAILABLE"),)] == 1
+    assert got["lbgw_downstream_rq_total", (("grpc_code", "OK"),)] == 1
+    assert got["lbgw_downstream_rq_overflow_total", ()] == 0
+
+
+async def test_post_reload_applies_the_file_and_is_counted(tmp_path: Any) -> None:
+    a, b = EchoBackend("a"), EchoBackend("b")
+    port = free_port()
+    async with echo_backends(a, b) as (addr_a, addr_b):
+        path = tmp_path / "lbgw.toml"
+
+        def write(backend: str) -> None:
+            path.write_text(
+                f'[admin]\naddress = "127.0.0.1:{port}"\n'
+                '[[listeners]]\naddress = "127.0.0.1:0"\n'
+                f'[clusters.echo]\nendpoints = ["{backend}"]\n'
+                f'[clusters.echo.methods]\n"{UNARY}" = "unary"\n'
+            )
+
+        write(addr_a)
+        async with lbgw_process("--config", str(path)) as lbgw:
+            url = f"http://127.0.0.1:{port}"
+            async with asyncio.timeout(15):
+                while not any(e["event"] == "admin listening" for e in list(lbgw.lines)):
+                    await asyncio.sleep(0.05)
+            async with aio.insecure_channel(lbgw.address) as channel:
+                stub: Any = echo_pb2_grpc.EchoStub(channel)  # type: ignore[no-untyped-call]
+                assert (await stub.Unary(request(), timeout=5)).backend == "a"
+                assert (await http(url + "/reload"))[0] == 405  # a GET changes nothing
+                write(addr_b)
+                status, body = await http(url + "/reload", "POST")
+                assert status == 200, body
+                answer = json.loads(body)
+                assert answer["ok"] is True and answer["plan"]["updated"] == ["echo"]
+                assert (await stub.Unary(request(), timeout=5)).backend == "b"
+                path.write_text("[clusters.echo]\nstrategy = 7\n")  # invalid: refused
+                status, body = await http(url + "/reload", "POST")
+                refused = json.loads(body)
+                assert refused["ok"] is False and str(path) in refused["error"]
+                assert "expected" in refused["error"]
+                assert (await stub.Unary(request(), timeout=5)).backend == "b"
+            got = samples((await http(url + "/metrics"))[1])
+            assert got["lbgw_config_reload_total", (("result", "ok"),)] == 1
+            assert got["lbgw_config_reload_total", (("result", "error"),)] == 1
+            lbgw.process.terminate()
+            assert await asyncio.to_thread(lbgw.wait, 20) == 0

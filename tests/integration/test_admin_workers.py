@@ -7,6 +7,8 @@ the metrics come from prometheus_client's multiprocess mode.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from typing import Any
 
 import aiohttp
@@ -93,3 +95,54 @@ async def test_one_admin_address_totals_every_worker() -> None:  # noqa: PLR0915
     assert set(info["pids"][1:]) == set(workers) and info["workers"] == 2
     assert explained["worker"] in workers and explained["endpoint"] == addr_b
     assert explained["skipped"] == [{"address": addr_a, "reason": "drained"}]
+
+
+async def test_post_reload_on_the_supervisor_reaches_every_worker_and_a_restarted_one_answers(
+    tmp_path: Any,
+) -> None:
+    a, b = EchoBackend("a"), EchoBackend("b")
+    port = free_port()
+    admin = f"http://127.0.0.1:{port}"
+    path = tmp_path / "lbgw.toml"
+
+    def write(backend: str) -> None:
+        path.write_text(
+            f'[server]\nworkers = 2\n[admin]\naddress = "127.0.0.1:{port}"\n'
+            '[[listeners]]\naddress = "127.0.0.1:0"\n'
+            f'[clusters.echo]\nendpoints = ["{backend}"]\n'
+            f'[clusters.echo.methods]\n"{UNARY}" = "unary"\n'
+        )
+
+    async with echo_backends(a, b) as (addr_a, addr_b):
+        write(addr_a)
+        async with lbgw_process("--config", str(path)) as lbgw:
+            async with asyncio.timeout(30):
+                while len([e for e in list(lbgw.lines) if e["event"] == "serving"]) < 2:
+                    await asyncio.sleep(0.05)
+            write(addr_b)
+            status, answer = await _get(admin + "/reload", "POST")
+            assert status == 200 and answer["ok"] is True, answer
+            async with asyncio.timeout(30):  # each worker applies the same snapshot
+                while {
+                    e["pid"]
+                    for e in list(lbgw.lines)
+                    if e["event"] == "reloaded" and e.get("config") == answer["config"]
+                } != set(answer["workers"]):
+                    await asyncio.sleep(0.05)
+            for _ in range(6):  # one connection each: both workers serve the new endpoint
+                options = [("grpc.use_local_subchannel_pool", 1)]
+                async with aio.insecure_channel(lbgw.address, options) as channel:
+                    stub: Any = echo_pb2_grpc.EchoStub(channel)  # type: ignore[no-untyped-call]
+                    assert (await stub.Unary(request(), timeout=5)).backend == "b"
+            # A worker that dies is restarted with its admin socket: the fleet sees two again.
+            victim = answer["workers"][0]
+            os.kill(victim, signal.SIGKILL)
+            async with asyncio.timeout(30):
+                while True:
+                    _, view = await _get(admin + "/clusters")
+                    pids = {w["pid"] for w in view["workers"]}
+                    if len(pids) == 2 and victim not in pids:
+                        break
+                    await asyncio.sleep(0.2)
+            lbgw.process.terminate()
+            assert await asyncio.to_thread(lbgw.wait, 30) == 0

@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from grpc import aio
+from prometheus_client.parser import text_string_to_metric_families
 
-from lbgw.config import config_from_mapping
+from lbgw.config import AdminConfig, config_from_mapping
 from lbgw.pb import echo_pb2_grpc
 from lbgw.server import Gateway
 from lbgw.testing import EchoBackend, echo_registrar
@@ -151,7 +153,9 @@ async def test_dns_down_keeps_the_last_good_set_and_loses_no_call(tmp_path: Path
     with dnsmasq(tmp_path) as dns_server:
         dns_server.write([(HOSTS[0], NAME), (HOSTS[1], NAME)])
         async with backends_at(port, ["a", "b"]):
-            cfg = dns_config(dns_server, port)
+            cfg = dataclasses.replace(
+                dns_config(dns_server, port), admin=AdminConfig(address="127.0.0.1:0")
+            )
             async with Gateway(cfg) as gw, aio.insecure_channel(gw.addresses[0]) as ch:
                 discovery = gw.discoveries["echo"]
                 callers = Callers(stub_of(ch))
@@ -167,6 +171,18 @@ async def test_dns_down_keeps_the_last_good_set_and_loses_no_call(tmp_path: Path
                 assert {b for t, b in callers.replies if t > stopped} == {"a", "b"}
                 assert len(gw.clusters["echo"].endpoints) == 2
                 assert discovery.last_error is not None
+                # Counted for the operator: lbgw_dns_resolution_total by result.
+                assert gw.admin_server is not None
+                url = f"http://{gw.admin_server.address}/metrics"
+                async with aiohttp.ClientSession() as session, session.get(url) as response:
+                    text = await response.text()
+                found = {
+                    s.labels["result"]: s.value
+                    for f in text_string_to_metric_families(text)
+                    for s in f.samples
+                    if s.name == "lbgw_dns_resolution_total" and s.labels["cluster"] == "echo"
+                }
+                assert found["ok"] >= 1 and found["failure"] >= 2 and found["empty"] == 0
 
 
 async def test_srv_weights_3_to_1_give_a_75_25_split(tmp_path: Path) -> None:

@@ -8,19 +8,22 @@ call reached the backend.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from grpc import aio
+from prometheus_client.parser import text_string_to_metric_families
 
-from lbgw.config import Config, config_from_mapping
+from lbgw.config import AdminConfig, Config, config_from_mapping
 from lbgw.endpoints import State
 from lbgw.exceptions import ConfigError
 from lbgw.logs import _FIELDS
@@ -371,3 +374,54 @@ async def test_a_reload_turns_tls_on_for_the_listener_and_the_backends(
             assert "listeners[0].tls.key_file" in str(caught.value)
             assert str(pki.ca_file) in str(caught.value)
             assert (await unary(address, creds)).backend == "tls-backend"
+
+
+async def test_the_admin_port_shows_the_certificates_their_expiry_and_reloads(
+    tmp_path: Path, pki: Pki, server_pair: Pair, client_pair: Pair
+) -> None:
+    ca_file = tmp_path / "cluster-ca.pem"
+    ca_file.write_bytes(Pki(tmp_path, "other-ca").ca_pem)  # the wrong CA, at first
+    echo = EchoBackend("tls-backend")
+    async with serve_tls(echo_registrar(echo), pki.issue("backend.example")) as backend:
+        cfg = dataclasses.replace(
+            gateway_config(
+                [backend],
+                listener_tls(pki, server_pair, mtls=False),
+                {**backend_tls(pki, client_pair), "ca_file": str(ca_file)},
+                health_check={"mode": "none"},
+            ),
+            admin=AdminConfig(address="127.0.0.1:0"),
+        )
+        async with Gateway(cfg, tls_poll_interval=0.1) as gw:
+            assert gw.admin_server is not None
+            url = f"http://{gw.admin_server.address}"
+            replace_file(ca_file, pki.ca_pem)
+            async with asyncio.timeout(WAIT):
+                while gw.tls.reload_counts()["ok"] == 0:
+                    await asyncio.sleep(0.05)
+            async with aiohttp.ClientSession() as session:
+                async with session.get(url + "/metrics") as response:
+                    text = await response.text()
+                async with session.get(url + "/server_info") as response:
+                    info = await response.json()
+    found = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+    listener = x509.load_pem_x509_certificate(server_pair.cert.read_bytes())
+    expiry = "lbgw_tls_cert_expiry_timestamp_seconds"
+    address = cfg.listeners[0].address
+    assert found[expiry, (("cluster", ""), ("listener", address))] == pytest.approx(
+        listener.not_valid_after_utc.timestamp()
+    )
+    client = x509.load_pem_x509_certificate(client_pair.cert.read_bytes())  # mTLS to backends
+    assert found[expiry, (("cluster", "echo"), ("listener", ""))] == pytest.approx(
+        client.not_valid_after_utc.timestamp()
+    )
+    assert found["lbgw_tls_reload_total", (("result", "ok"),)] == 1
+    assert found["lbgw_tls_reload_total", (("result", "error"),)] == 0
+    names = {(c["kind"], c["name"]) for c in info["certificates"]}
+    assert names == {("listener", address), ("cluster", "echo")}
+    shown = next(c for c in info["certificates"] if c["kind"] == "listener")
+    assert shown["sans"] == ["localhost", "127.0.0.1"]
