@@ -274,7 +274,10 @@ class GatewayAdmin:
                 counts = self._counts.get(key)
                 if counts is None:
                     counts = self._counts[key] = _Counts()
-                counts.samples.append((now, _calls(e), e.busy_ns))
+                calls = _calls(e)
+                if counts.samples and calls < counts.samples[-1][1]:
+                    counts.samples.clear()  # a new Endpoint (its cluster rebuilt by a reload)
+                counts.samples.append((now, calls, e.busy_ns))
         for gone in set(self._counts) - live:
             del self._counts[gone]
         if self._mirror is not None:

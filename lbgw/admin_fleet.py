@@ -170,8 +170,9 @@ class _FleetAnswers:
             "pid": os.getpid(),
             "pids": [os.getpid(), *(w.get("pid") for w in workers)],
             "workers": config.workers,
-            "config_hash": config_hash(config),
+            "config_hash": self._fleet.config_id,
             "config_source": config.source,
+            "certificates": workers[0].get("certificates", []) if workers else [],
             "implementation": workers[0].get("implementation") if workers else None,
             "event_loop": workers[0].get("event_loop") if workers else None,
             "worker_info": workers,
@@ -208,6 +209,8 @@ class Fleet:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        #: The hash the log gives for the config in force (``reload.config_hash``).
+        self.config_id = config_hash(config)
         self.started = time.time()
         self.dir = tempfile.mkdtemp(prefix="lbgw-admin-")
         self.metrics_dir = os.path.join(self.dir, "metrics")

@@ -698,6 +698,8 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
             from lbgw.admin_fleet import worker_socket  # noqa: PLC0415 - aiohttp only when asked
 
             admin_socket = worker_socket()
+            if not admin_socket:  # [admin] added by a reload: served from the next start
+                config = replace(config, admin=replace(config.admin, address=None))
         return loops.run(
             _run_gateway(
                 replace(config, listeners=listeners),

@@ -26,6 +26,7 @@ set; hash tables move only the keys they must.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import secrets
@@ -423,6 +424,11 @@ class Cluster:
     def on_kinds(self, listener: Callable[[Cluster, list[str]], None]) -> None:
         """Call ``listener(cluster, methods)`` whenever methods' kinds become known."""
         self._kind_listeners.append(listener)
+
+    def off_kinds(self, listener: Callable[[Cluster, list[str]], None]) -> None:
+        """Stop calling ``listener`` (a proxy a reload replaced)."""
+        with contextlib.suppress(ValueError):
+            self._kind_listeners.remove(listener)
 
     def _add_kinds(self, found: dict[str, MethodKind], source: str) -> list[str]:
         """Add the kinds not known already (an earlier source wins); the methods added."""

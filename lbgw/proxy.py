@@ -171,12 +171,19 @@ class Proxy(grpc.GenericRpcHandler):
         self._meter = meter
         self._known: dict[str, _Handler] = {}
         self._recent: collections.OrderedDict[str, _Handler] = collections.OrderedDict()
-        for cluster in clusters:
+        self._clusters = list(clusters)
+        for cluster in self._clusters:
             for method in cluster.kinds:
                 target = router.match(method)
                 if target is not None and target.cluster is cluster:
                     self._known[method] = self._build(target, method)
             cluster.on_kinds(self._learned)
+
+    def detach(self) -> None:
+        """No longer follow the clusters' new method kinds (a reload replaced this proxy;
+        the calls it handed out keep their handlers)."""
+        for cluster in self._clusters:
+            cluster.off_kinds(self._learned)
 
     def __repr__(self) -> str:
         return f"<Proxy known={len(self._known)} recent={len(self._recent)}>"
@@ -362,6 +369,8 @@ async def _feed(
     from then on, a retry needs the retry buffer.
     """
     buffer = requests.buffer
+    if buffer.ended or (buffer.replayable and buffer.messages):
+        progress.heard = True  # a retry: the client has spoken, whatever the connect takes
     try:
         await call.wait_for_connection()
         progress.read = True  # from here on, a retry needs the buffer

@@ -20,8 +20,9 @@ must do, part by part; ``Gateway.reload`` does it (``server.py``):
 * ``workers`` is the supervisor's (``supervisor.py``), the log level the CLI's.
 
 What a reload does not change is said, not silently ignored: ``tracing``
-(the tracer provider lives for the process), and ``grace_period`` and
-``drain_delay`` apply from the next drain on. TLS files (issue 14) belong
+(the tracer provider lives for the process), ``admin`` (the admin port is
+bound once, at start), and ``grace_period`` and ``drain_delay`` apply from
+the next drain on. TLS files (issue 14) belong
 to the listeners and the clusters: a changed file name is a changed config;
 reloading a changed certificate under the same name is the TLS module's.
 
@@ -134,7 +135,7 @@ def plan(old: Config, new: Config) -> Plan:
             rebuilt.append(c)
     later = tuple(
         name
-        for name in ("tracing", "grace_period", "drain_delay")
+        for name in ("tracing", "grace_period", "drain_delay", "admin")
         if getattr(old, name) != getattr(new, name)
     )
     return Plan(

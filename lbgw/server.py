@@ -354,6 +354,7 @@ class Gateway:
         old_config, self.config = self.config, config  # new clusters take the new limits
         built: dict[str, tuple[Cluster, DnsDiscovery | None]] = {}
         old_listener_tls = self.listener_tls
+        certificates = self.tls.in_use()
         started: dict[str, tuple[aio.Server, str]] = {}
         try:
             self.listener_tls = self._listener_tls(config)
@@ -373,9 +374,12 @@ class Gateway:
                 if everything or lc.address not in servers.by_listener or was.get(lc.address) != lc:
                     address = servers.resolved(lc.address)
                     started[lc.address] = await self._serve(config, lc.address, address)
+            if self._server is None:  # stop() began during the awaits: apply nothing
+                raise RuntimeError("the gateway stopped during the reload")
         except BaseException:
             self.config = old_config
             self.listener_tls = old_listener_tls
+            self.tls.restore(certificates)
             for cluster, discovery in built.values():
                 if discovery is not None:
                     await discovery.stop()
@@ -385,7 +389,15 @@ class Gateway:
             raise
         self._install(config, change, built, grace=old_config.grace_period)
         self._hand_over(config, started, old_config.grace_period)
+        # The replaced servers begin their shutdown, and so stop listening, before the
+        # reload returns: a connection made after it reaches the new server (which
+        # matters when the listener's protocol changed, plaintext to TLS or back).
+        await asyncio.sleep(0)
         self._watch_tls()
+        self.tls.keep(
+            {("listener", lc.address) for lc in config.listeners if lc.tls is not None}
+            | {("cluster", cc.name) for cc in config.clusters if cc.tls is not None}
+        )
         self.reloads += 1
         return change
 
@@ -416,8 +428,11 @@ class Gateway:
             self.health.track(cluster.health)
         for name in change.removed:
             self.health.forget(name)
+        old_proxy = self.proxy
         self.proxy = self._proxy(config, self.clusters)
         self._switch.proxy = self.proxy
+        if old_proxy is not None:
+            old_proxy.detach()
         for name, cluster in retired:
             self._retire(self._drain_cluster(name, cluster, grace))
 
@@ -498,31 +513,33 @@ class Gateway:
 
     async def _close(self, server: _Servers | None, grace: float | None) -> None:
         admin, self.admin = self.admin, None
-        if admin is not None:
-            await admin.stop()
-        if self._tls_watch is not None:
-            self._tls_watch.cancel()
-            self._tls_watch = None
-        if server is not None:
-            self.health.end_watches()
-            await server.stop(grace)
-        for discovery in list(self.discoveries.values()):
-            await discovery.stop()
-        # What earlier reloads replaced: old servers and clusters still draining.
-        retiring = list(self._retiring)
-        if retiring:
-            _, pending = await asyncio.wait(retiring, timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*retiring, return_exceptions=True)
-        clusters = list(self.clusters.values())
-        for cluster in clusters:
-            await cluster.close()
-        # Flushes the spans still queued; it blocks, so off the event loop.
-        await asyncio.to_thread(self.telemetry.shutdown)
-        admin_server, self.admin_server = self.admin_server, None
-        if admin_server is not None:  # last: /ready says 503 for the whole drain
-            await admin_server.stop()
+        try:
+            if admin is not None:
+                await admin.stop()
+            if self._tls_watch is not None:
+                self._tls_watch.cancel()
+                self._tls_watch = None
+            if server is not None:
+                self.health.end_watches()
+                await server.stop(grace)
+            for discovery in list(self.discoveries.values()):
+                await discovery.stop()
+            # What earlier reloads replaced: old servers and clusters still draining.
+            retiring = list(self._retiring)
+            if retiring:
+                _, pending = await asyncio.wait(retiring, timeout=grace)
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*retiring, return_exceptions=True)
+            clusters = list(self.clusters.values())
+            for cluster in clusters:
+                await cluster.close()
+            # Flushes the spans still queued; it blocks, so off the event loop.
+            await asyncio.to_thread(self.telemetry.shutdown)
+        finally:
+            admin_server, self.admin_server = self.admin_server, None
+            if admin_server is not None:  # last: /ready says 503 for the whole drain
+                await admin_server.stop()
 
 
 def _identity(config: Config) -> tuple[tuple[str, ...], bool] | None:

@@ -321,6 +321,10 @@ class Supervisor:
         """
         try:
             config, config_id, data = self._load()
+            # Every TLS file, as at start: a worker (re)started on a bad one would exit 2.
+            from lbgw.tls import check_config  # noqa: PLC0415 - cryptography only here
+
+            check_config(config)
         except ConfigError as exc:
             log.error(
                 "reload refused: config invalid, still running the old one",
@@ -344,7 +348,7 @@ class Supervisor:
             "reload", extra=fields(config=config_id, addresses=self.addresses, **change.summary())
         )
         if self.fleet is not None:
-            self.fleet.config = config
+            self.fleet.config, self.fleet.config_id = config, config_id
         for w in self.workers:
             self._hup(w)
         if change.workers:
@@ -363,25 +367,37 @@ class Supervisor:
         from lbgw.admin_fleet import Fleet  # noqa: PLC0415
 
         async def reload_action(query: Any) -> dict[str, Any]:
+            if self.stopping:
+                return {"ok": False, "config": self.config_id, "error": "stopping"}
             future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
             self._asked.put(future)
             return await asyncio.wrap_future(future)
 
         register_action("/reload", reload_action)
         fleet = Fleet(self.config)
+        fleet.config_id = self.config_id
         address = fleet.start()  # raises StartError
         log.info("admin listening", extra=fields(address=address, url=f"http://{address}/"))
         return fleet
 
-    def _answer_reloads(self) -> None:
+    def _answer_reloads(self, *, refuse: bool = False) -> None:
+        """Answer each ``POST /reload`` asked since the last look (``refuse``: stopping)."""
         while True:
             try:
                 future = self._asked.get_nowait()
             except queue.Empty:
                 return
-            if future.set_running_or_notify_cancel():
-                log.info("POST /reload: reloading", extra=fields(config=self.config_id))
+            if not future.set_running_or_notify_cancel():
+                continue
+            if refuse:
+                future.set_result({"ok": False, "config": self.config_id, "error": "stopping"})
+                continue
+            log.info("POST /reload: reloading", extra=fields(config=self.config_id))
+            try:
                 future.set_result(self._reload())
+            except Exception as exc:  # a snapshot that cannot be written, say: keep running
+                log.exception("reload failed", extra=fields(config=self.config_id))
+                future.set_result({"ok": False, "config": self.config_id, "error": str(exc)})
 
     def _resize(self, n: int, grace: float) -> None:
         """Start workers up to ``n``, or stop (drain) those past it."""
@@ -434,6 +450,8 @@ class Supervisor:
         return status
 
     def _stop_all(self, status: int) -> int:
+        self.stopping = True  # POST /reload from now on: refused at once
+        self._answer_reloads(refuse=True)
         everyone = self.workers + [w for w, _ in self.retiring]
         for w in everyone:
             if w.process.poll() is None:
@@ -452,11 +470,7 @@ class Supervisor:
                 status = 1
             self._gone(w)
         if self.fleet is not None:
-            while not self._asked.empty():  # asked while stopping: answered, not reloaded
-                with contextlib.suppress(queue.Empty, concurrent.futures.InvalidStateError):
-                    self._asked.get_nowait().set_result(
-                        {"ok": False, "config": self.config_id, "error": "stopping"}
-                    )
+            self._answer_reloads(refuse=True)  # any that came during the drain
             self.fleet.stop()
         for _, holder in self._held.values():
             if holder is not None:

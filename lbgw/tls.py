@@ -306,6 +306,16 @@ class TlsState:
         with self._lock:
             return dict(self.certificates)
 
+    def restore(self, certificates: Mapping[tuple[str, str], Certificate]) -> None:
+        """Put back what ``in_use`` gave (a refused reload loaded certificates it won't use)."""
+        with self._lock:
+            self.certificates = dict(certificates)
+
+    def keep(self, live: set[tuple[str, str]]) -> None:
+        """Forget the certificates of listeners and clusters a reload removed."""
+        with self._lock:
+            self.certificates = {k: c for k, c in self.certificates.items() if k in live}
+
     def reload_counts(self) -> dict[str, int]:
         with self._lock:
             return {"ok": self.reloads["ok"], "error": self.reloads["error"]}

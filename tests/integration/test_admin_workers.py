@@ -129,6 +129,20 @@ async def test_post_reload_on_the_supervisor_reaches_every_worker_and_a_restarte
                     if e["event"] == "reloaded" and e.get("config") == answer["config"]
                 } != set(answer["workers"]):
                     await asyncio.sleep(0.05)
+            # A TLS file that does not exist: refused by the supervisor, naming key and file,
+            # before any worker (or a restarted one) would read it.
+            text = path.read_text().replace(
+                '[[listeners]]\naddress = "127.0.0.1:0"\n',
+                '[[listeners]]\naddress = "127.0.0.1:0"\n'
+                f'tls = {{ cert_file = "{tmp_path}/gone.pem", '
+                f'key_file = "{tmp_path}/gone.key" }}\n',
+            )
+            path.write_text(text)
+            status, refused = await _get(admin + "/reload", "POST")
+            assert refused["ok"] is False, refused
+            assert "listeners[0].tls.cert_file" in refused["error"]
+            assert f"{tmp_path}/gone.pem" in refused["error"]
+            write(addr_b)
             for _ in range(6):  # one connection each: both workers serve the new endpoint
                 options = [("grpc.use_local_subchannel_pool", 1)]
                 async with aio.insecure_channel(lbgw.address, options) as channel:

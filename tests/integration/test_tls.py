@@ -101,10 +101,13 @@ def backend_tls(pki: Pki, client: Pair | None, name: str = "backend.example") ->
 
 
 async def unary(address: str, credentials: grpc.ChannelCredentials | None, **kwargs: Any) -> Any:
+    # A channel of its own connections: a refused handshake earlier (a subchannel in
+    # backoff, shared through gRPC's global pool) must not answer for this call.
+    options = [("grpc.use_local_subchannel_pool", 1)]
     channel = (
-        aio.insecure_channel(address)
+        aio.insecure_channel(address, options)
         if credentials is None
-        else aio.secure_channel(address, credentials)
+        else aio.secure_channel(address, credentials, options)
     )
     async with channel:
         stub = echo_pb2_grpc.EchoStub(channel)  # type: ignore[no-untyped-call]
@@ -369,11 +372,20 @@ async def test_a_reload_turns_tls_on_for_the_listener_and_the_backends(
                 backend_tls(pki, client_pair),
                 health_check={"mode": "none"},
             )
+            in_use = set(gw.tls.in_use())
+            assert in_use == {("listener", "127.0.0.1:0"), ("cluster", "echo")}
             with pytest.raises(ConfigError) as caught:
                 await gw.reload(broken)
             assert "listeners[0].tls.key_file" in str(caught.value)
             assert str(pki.ca_file) in str(caught.value)
             assert (await unary(address, creds)).backend == "tls-backend"
+            assert set(gw.tls.in_use()) == in_use  # the refused reload's certificates: gone
+            # Back to plaintext: the certificates are no longer shown, nor their expiry.
+            await gw.reload(before)
+            assert (await unary(address, None)).backend == "plain"
+            assert gw.tls.in_use() == {}
+            # Each reload replaced the proxy; only the last one follows the cluster's kinds.
+            assert len(gw.clusters["echo"]._kind_listeners) == 1
 
 
 async def test_the_admin_port_shows_the_certificates_their_expiry_and_reloads(
