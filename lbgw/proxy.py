@@ -301,6 +301,20 @@ def _unreachable(e: Endpoint) -> bool:
     return e.backend is not None and e.backend.unreachable()
 
 
+#: How grpc core (pick_first) fails a call that found no connected subchannel:
+#: the call never left lbgw, so no backend saw it.
+_NEVER_SENT: Final = "failed to connect to all addresses"
+
+
+def _never_sent(error: aio.AioRpcError) -> bool:
+    """Whether an attempt failed before its request left lbgw (no connection to send on)."""
+    return (
+        error.code() is grpc.StatusCode.UNAVAILABLE
+        and not error.initial_metadata()
+        and (error.details() or "").startswith(_NEVER_SENT)
+    )
+
+
 def _observed(error: aio.AioRpcError, e: Endpoint) -> bool:
     """Whether a failed call's duration says something about the backend's speed."""
     code = error.code()
@@ -474,11 +488,16 @@ def _retry_to(  # noqa: PLR0913 - what the retry decision reads, named
     *,
     traced: TracedCall | None,
     method: str,
+    unsent: bool = False,
 ) -> Endpoint | None:
     """The endpoint for the next attempt after ``e`` failed with ``code``, or None: no retry.
 
-    A retry takes its place in the cluster's retry budget here; the
-    forwarder gives it back when the call is over.
+    A retry takes its place in the cluster's retry budget and its circuit
+    breaker's ``max_retries`` here (the forwarder gives them back), unless
+    the failed attempt was ``unsent``: its request never left lbgw, so
+    sending it once, elsewhere, adds no load to any backend (gRPC retries
+    such calls transparently, outside its retry policy: gRFC A6). It still
+    counts toward ``max_attempts``.
     """
     cluster = target.cluster
     budget = cluster.budget
@@ -487,7 +506,7 @@ def _retry_to(  # noqa: PLR0913 - what the retry decision reads, named
     remaining = context.time_remaining()
     if remaining is not None and remaining <= 0:
         return None
-    if not budget.may_retry() or not cluster.breaker.start_retry():
+    if not unsent and (not budget.may_retry() or not cluster.breaker.start_retry()):
         return None
     try:
         if traced is None:
@@ -495,10 +514,9 @@ def _retry_to(  # noqa: PLR0913 - what the retry decision reads, named
         else:
             to = traced.pick(attempt + 1, e, code.name)
     except NoEligibleEndpointError:
-        cluster.breaker.end_retry()
+        if not unsent:
+            cluster.breaker.end_retry()
         return None
-    if attempt == 1:
-        budget.retrying += 1
     budget.sent += 1
     if log.isEnabledFor(logging.DEBUG):
         log.debug(
@@ -638,6 +656,8 @@ def _forwarder(  # noqa: PLR0913, PLR0915 - the attempt loop, inline: it runs on
         if identity is not None:  # forward_client_cert: the verified client's XFCC
             metadata = identity.forwarded(context, metadata)
         attempt = 1
+        budgeted = False  # a retry of this call holds a place in the retry budget
+        counted = False  # this attempt holds one of the breaker's max_retries
         stream = ClientStream(request, buffer_limit) if streaming_request else None
         # What the trace says if the handler is cancelled:
         code: grpc.StatusCode = _CANCELLED
@@ -709,9 +729,18 @@ def _forwarder(  # noqa: PLR0913, PLR0915 - the attempt loop, inline: it runs on
                     if tr is not None:
                         tr.end_attempt(code, error.details())
                     retry_to = None
+                    unsent = False
                     if not progress.relayed and (stream is None or _replayable(stream, error)):
+                        unsent = _never_sent(error)
                         retry_to = _retry_to(
-                            target, e, code, attempt, context, traced=tr, method=method
+                            target,
+                            e,
+                            code,
+                            attempt,
+                            context,
+                            traced=tr,
+                            method=method,
+                            unsent=unsent,
                         )
                     if retry_to is None:
                         details = await _relay_error(
@@ -723,17 +752,21 @@ def _forwarder(  # noqa: PLR0913, PLR0915 - the attempt loop, inline: it runs on
                     done(e, start, latency)
                     if waiting:
                         end_pending()
-                    if attempt > 1:
+                    if counted:
                         breaker.end_retry()
                     if cm is not None:
                         cm.attempt(e, code, clock() - start)
                 attempt += 1
                 e = retry_to
+                counted = not unsent
+                if counted and not budgeted:
+                    budget.retrying += 1
+                    budgeted = True
         finally:
             if stream is not None:
                 stream.close()
             budget.active -= 1
-            if attempt > 1:
+            if budgeted:
                 budget.retrying -= 1
             if meter is not None:
                 meter.call(code, clock() - began)

@@ -251,3 +251,35 @@ async def test_a_down_endpoint_costs_no_call_and_is_ejected_after_5_failures() -
             assert cluster.retry_stats == {"sent": 5, "over_budget": 0}
             assert good.seen.calls == 20
             assert await settle(t.gateway) == [0, 0]
+
+
+async def test_a_call_that_never_left_lbgw_is_retried_outside_the_budget() -> None:
+    """A retry budget (and max_retries) of 0 stops every retry of a call a backend answered,
+    but a call that found no connection to its endpoint never left lbgw: it is sent once,
+    elsewhere, whatever the budget says (the soak's lost calls, issue 15)."""
+    good = Failing("good", after=0)  # answers UNAVAILABLE itself: a call that was sent
+    live = EchoBackend("live")
+    none_left = {
+        "retries": {"budget_percent": 0, "min_retry_concurrency": 0},
+        "circuit_breakers": {"max_retries": 0},
+    }
+    async with echo_backends(live, good) as (addr, answering):
+        down = _closed_port()
+        async with through(config([down, addr], cluster=ONLY_RETRIES | none_left)) as t:
+            replies = [await t.stub.Unary(request(), timeout=5) for _ in range(10)]
+            assert {r.backend for r in replies} == {"live"}
+            stats = _stats(t)
+            assert stats["sent"] >= 4 and stats["over_budget"] == 0, stats
+            assert t.gateway.clusters["echo"].breaker.overflows["max_retries"] == 0
+            assert await settle(t.gateway) == [0, 0]
+        # The same budget refuses the retry of a call the backend did answer.
+        async with through(config([answering, addr], cluster=ONLY_RETRIES | none_left)) as t:
+            codes = []
+            for _ in range(10):
+                try:
+                    await t.stub.Unary(request(), timeout=5)
+                    codes.append("OK")
+                except aio.AioRpcError as error:
+                    codes.append(error.code().name)
+            assert "UNAVAILABLE" in codes and _stats(t)["sent"] == 0
+            assert await settle(t.gateway) == [0, 0]
