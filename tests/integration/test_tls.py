@@ -360,8 +360,12 @@ async def test_a_reload_turns_tls_on_for_the_listener_and_the_backends(
             change = await gw.reload(after)
             assert [c.name for c in change.rebuilt] == ["echo"] and change.listeners
             assert gw.addresses == [address]  # the same port, served anew
+            # The handover: for a moment both servers listen on the port (SO_REUSEPORT),
+            # and a connection queued on the old one as it closes is reset. A client
+            # waiting for ready connects again; the test waits the moment out too.
+            await asyncio.sleep(0.3)
             creds = client_credentials(pki.ca_file, client_pair)
-            assert (await unary(address, creds)).backend == "tls-backend"
+            assert (await unary(address, creds, wait_for_ready=True)).backend == "tls-backend"
             error = await refused(address, None)  # plaintext is no longer spoken
             assert error.code() is grpc.StatusCode.UNAVAILABLE
             assert gw.cluster_tls["echo"].credentials is not None
@@ -382,7 +386,8 @@ async def test_a_reload_turns_tls_on_for_the_listener_and_the_backends(
             assert set(gw.tls.in_use()) == in_use  # the refused reload's certificates: gone
             # Back to plaintext: the certificates are no longer shown, nor their expiry.
             await gw.reload(before)
-            assert (await unary(address, None)).backend == "plain"
+            await asyncio.sleep(0.3)
+            assert (await unary(address, None, wait_for_ready=True)).backend == "plain"
             assert gw.tls.in_use() == {}
             # Each reload replaced the proxy; only the last one follows the cluster's kinds.
             assert len(gw.clusters["echo"]._kind_listeners) == 1
