@@ -257,16 +257,9 @@ class Proxy(grpc.GenericRpcHandler):
 def _reject(
     error: GatewayError, telemetry: Telemetry, method: str, meter: Meter | None = None
 ) -> Callable[[Any, _Context], Awaitable[None]]:
-    code, message = error.code, str(error)
-    traced = telemetry.enabled
 
     async def reject(request: Any, context: _Context) -> None:
-        if meter is not None:
-            meter.call(code, 0)
-        if traced:  # a call rejected before any attempt still has its server span
-            parent = telemetry.extract(context.invocation_metadata())
-            end_span(telemetry.server_span(method, context.peer(), parent), code, message)
-        await context.abort(code, message)
+        await _refuse_early(context, error, telemetry, method, meter)
 
     return reject
 
@@ -533,13 +526,21 @@ def _retry_to(  # noqa: PLR0913 - what the retry decision reads, named
 
 
 async def _refuse_early(
-    context: _Context, error: GatewayError, telemetry: Telemetry, method: str
+    context: _Context,
+    error: GatewayError,
+    telemetry: Telemetry,
+    method: str,
+    meter: Meter | None,
 ) -> None:
-    """End a call that a limit refuses before any attempt (its server span too, if traced)."""
+    """End a call refused before any attempt (no route, a limit): counted, its server span
+    too if traced."""
+    code, message = error.code, str(error)
+    if meter is not None:
+        meter.call(code, 0)
     if telemetry.enabled:
         parent = telemetry.extract(context.invocation_metadata())
-        end_span(telemetry.server_span(method, context.peer(), parent), error.code, str(error))
-    await context.abort(error.code, str(error))
+        end_span(telemetry.server_span(method, context.peer(), parent), code, message)
+    await context.abort(code, message)
 
 
 async def _refuse(context: _Context, traced: TracedCall | None, error: GatewayError) -> None:
@@ -627,15 +628,11 @@ def _forwarder(  # noqa: PLR0913, PLR0915 - the attempt loop, inline: it runs on
         """The call's limits, then its attempts (``attempts``)."""
         overloaded = admit()
         if overloaded is not None:
-            if meter is not None:
-                meter.call(overloaded.code, 0)
-            return await _refuse_early(context, overloaded, telemetry, method)
+            return await _refuse_early(context, overloaded, telemetry, method, meter)
         try:
             broken = start_request()
             if broken is not None:
-                if meter is not None:
-                    meter.call(broken.code, 0)
-                return await _refuse_early(context, broken, telemetry, method)
+                return await _refuse_early(context, broken, telemetry, method, meter)
             try:
                 return await attempts(request, context)
             finally:

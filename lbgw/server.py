@@ -43,6 +43,7 @@ from lbgw.tls import (
     TlsState,
     as_config_error,
     client_identity,
+    identity_settings,
 )
 
 if TYPE_CHECKING:
@@ -364,9 +365,9 @@ class Gateway:
                 await built[cc.name][0].learn_kinds()
             servers = self._server
             # New server options, or new client-identity rules: every server anew.
-            everything = old_config.limits != config.limits or _identity(old_config) != _identity(
-                config
-            )
+            everything = old_config.limits != config.limits or identity_settings(
+                old_config
+            ) != identity_settings(config)
             was = {lc.address: lc for lc in old_config.listeners}
             for lc in config.listeners:
                 # A listener whose TLS settings changed is served anew; a changed
@@ -540,12 +541,6 @@ class Gateway:
             admin_server, self.admin_server = self.admin_server, None
             if admin_server is not None:  # last: /ready says 503 for the whole drain
                 await admin_server.stop()
-
-
-def _identity(config: Config) -> tuple[tuple[str, ...], bool] | None:
-    """What ``client_identity`` is made of, comparable between two configs."""
-    tls = config.listeners[0].tls
-    return None if tls is None else (tuple(tls.allowed_client_sans), tls.forward_client_cert)
 
 
 def _probe(address: str) -> None:

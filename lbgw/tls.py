@@ -629,12 +629,19 @@ class ClientIdentity:
         return (*(metadata or ()), (XFCC, peer.xfcc))
 
 
-def client_identity(config: Config) -> ClientIdentity | None:
-    """The gateway's client-identity settings (the same on every listener), or None."""
+def identity_settings(config: Config) -> tuple[tuple[str, ...], bool] | None:
+    """The gateway's client-identity settings (the same on every listener): the allowed
+    SANs and ``forward_client_cert``; None when neither is set."""
     tls = config.listeners[0].tls
     if tls is None or not (tls.allowed_client_sans or tls.forward_client_cert):
         return None
-    return ClientIdentity(tls.allowed_client_sans, tls.forward_client_cert)
+    return tuple(tls.allowed_client_sans), tls.forward_client_cert
+
+
+def client_identity(config: Config) -> ClientIdentity | None:
+    """What checks and forwards the client's identity (``identity_settings``), or None."""
+    settings = identity_settings(config)
+    return None if settings is None else ClientIdentity(*settings)
 
 
 _Behaviour: TypeAlias = Callable[..., Any]
